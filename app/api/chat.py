@@ -1,0 +1,188 @@
+"""``POST /v1/chat/completions``: parse, run the pipeline, answer JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from app.api.errors import error_response, validation_error
+from app.api.middleware import request_id_of
+from app.api.schemas import ChatCompletionRequest
+from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
+from app.pipeline.base import ChatRequest, ChatResult, RequestContext
+from app.pipeline.streaming import ChunkAssembler, chunks_from_completion
+
+log = logging.getLogger("admiral.api")
+router = APIRouter()
+
+#: nginx and other proxies must not buffer the event stream
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE = b"data: [DONE]\n\n"
+CLIENT_CLOSED = 499
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise BadRequestError("The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"The request body is not valid JSON: {exc.msg} (at position {exc.pos}).") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("The request body must be a JSON object.")
+    try:
+        ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors())) from None
+    return body
+
+
+def _cache_directives(value: str | None) -> tuple[bool, bool]:
+    if not value:
+        return True, True
+    directives = {d.strip().lower() for d in value.split(",")}
+    return "no-cache" not in directives, "no-store" not in directives
+
+
+def _headers(ctx: RequestContext) -> dict[str, str]:
+    headers = {"x-admiral-cache": ctx.cache_status, "x-admiral-route": ctx.route}
+    if ctx.backend:
+        headers["x-admiral-backend"] = ctx.backend
+    if ctx.dedupe_role:
+        headers["x-admiral-dedupe"] = ctx.dedupe_role
+    return headers
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+async def _collect(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    assembler = ChunkAssembler()
+    async for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.result()
+
+
+class SSEResponse(Response):
+    """Relays chunks as they arrive; a client that leaves cancels the upstream side at once."""
+
+    def __init__(self, first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], include_usage: bool, headers: dict[str, str], on_finish: Callable[[int, str | None], None]) -> None:
+        super().__init__(status_code=200, headers={**_SSE_HEADERS, **headers}, media_type="text/event-stream")
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self._first = first
+        self._rest = rest
+        self._include_usage = include_usage
+        self._on_finish = on_finish
+
+    def _encode(self, chunk: dict[str, Any]) -> bytes | None:
+        if self._include_usage or "usage" not in chunk:
+            return _sse(chunk)
+        if not chunk.get("choices"):
+            return None
+        return _sse({k: v for k, v in chunk.items() if k != "usage"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        status = 200
+        text: list[str] = []
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            chunk: dict[str, Any] | None = self._first
+            while chunk is not None:
+                data = self._encode(chunk)
+                if data is not None:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                for choice in chunk.get("choices") or ():
+                    content = (choice.get("delta") or {}).get("content")
+                    if content and choice.get("index", 0) == 0:
+                        text.append(content)
+                chunk = await anext(self._rest, None)
+            await send({"type": "http.response.body", "body": _DONE, "more_body": False})
+        except GatewayError as exc:
+            # the client already has a 200: the failure travels as one error event, then [DONE]
+            status = exc.status
+            log.warning("stream failed after the first chunk: %s", exc.message)
+            await send({"type": "http.response.body", "body": _sse(exc.body()) + _DONE, "more_body": False})
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise
+            task.uncancel()
+            status = CLIENT_CLOSED
+        except OSError:
+            status = CLIENT_CLOSED
+        finally:
+            watcher.cancel()
+            await self._rest.aclose()
+            self._on_finish(status, "".join(text))
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
+)
+async def chat_completions(request: Request) -> Response:
+    services = request.app.state.services
+    recorder = services.recorder
+    ctx = RequestContext(request_id=request_id_of(request.scope), authorization=request.headers.get("authorization"))
+    recorder.start()
+    chat: ChatRequest | None = None
+    task = asyncio.current_task()
+    assert task is not None
+    watcher: asyncio.Task[None] | None = None
+    try:
+        chat = ChatRequest(parse_body(await request.body()))
+        ctx.cache_read, ctx.cache_write = _cache_directives(request.headers.get("cache-control"))
+        watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, task))
+        result: ChatResult = await services.pipeline(chat, ctx)
+        if not chat.stream:
+            body = result.body if result.body is not None else await _collect(result.chunks)  # type: ignore[arg-type]
+            watcher.cancel()
+            recorder.finish(chat, ctx, 200, _content_of(body))
+            return Response(orjson.dumps(body), media_type="application/json", headers=_headers(ctx))
+        chunks = result.chunks if result.chunks is not None else chunks_from_completion(result.body or {})
+        first = await anext(chunks, None)
+        if first is None:
+            raise UpstreamBadResponseError(f"{ctx.backend or 'the backend'} sent an empty stream")
+        watcher.cancel()
+        request_ctx, request_chat = ctx, chat
+        return SSEResponse(first, chunks, chat.include_usage, _headers(ctx), lambda status, text: recorder.finish(request_chat, request_ctx, status, text))
+    except GatewayError as exc:
+        ctx.error_type = exc.error_type
+        recorder.finish(chat, ctx, exc.status)
+        return error_response(exc)
+    except asyncio.CancelledError:
+        if watcher is None or not watcher.done() or watcher.cancelled():
+            raise
+        task.uncancel()
+        recorder.finish(chat, ctx, CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        recorder.finish(chat, ctx, 500)
+        raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+def _content_of(body: dict[str, Any]) -> str | None:
+    choices = body.get("choices") or ()
+    return (choices[0].get("message") or {}).get("content") if choices else None

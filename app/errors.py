@@ -1,0 +1,146 @@
+"""The gateway's error tree; every error knows its HTTP status and OpenAI error type.
+
+    GatewayError                      500 internal_error
+    ├── BadRequestError               400 invalid_request_error
+    ├── AuthenticationError           401 authentication_error
+    ├── PermissionDeniedError         403 permission_error
+    ├── NotFoundError                 404 not_found_error
+    ├── PayloadTooLargeError          413 invalid_request_error
+    ├── RateLimitError                429 rate_limit_error (+ Retry-After)
+    ├── ServiceUnavailableError       503 service_unavailable (+ Retry-After)
+    └── UpstreamError                 502 upstream_error   (a provider failed)
+        ├── UpstreamTimeoutError      504 timeout
+        ├── UpstreamRateLimitError    429 from the provider (+ its Retry-After)
+        ├── UpstreamAuthError         401/403 from the provider: our key is bad
+        ├── UpstreamBadResponseError  the provider answered something that is not OpenAI
+        └── UpstreamClientError       the provider rejected the request itself (400/404/422)
+
+Vendor exceptions are translated at the provider boundary (``raise UpstreamError(...) from exc``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+
+
+class BadRequestError(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimitError(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceUnavailableError(GatewayError):
+    status = 503
+    error_type = "service_unavailable"
+
+
+class UpstreamError(GatewayError):
+    """A provider call failed; ``retryable`` tells failover whether another try may help."""
+
+    status = 502
+    error_type = "upstream_error"
+    retryable = True
+    #: counts against the deployment's circuit breaker
+    breaker_failure = True
+
+    def __init__(self, message: str, *, backend: str = "", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.backend = backend
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    error_type = "timeout"
+    code = "upstream_timeout"
+
+
+class UpstreamRateLimitError(UpstreamError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "upstream_rate_limited"
+    breaker_failure = False
+
+
+class UpstreamAuthError(UpstreamError):
+    code = "upstream_auth_failed"
+
+
+class UpstreamBadResponseError(UpstreamError):
+    code = "upstream_bad_response"
+
+
+class UpstreamClientError(UpstreamError):
+    """The provider refused the request itself: the caller's mistake, not the backend's."""
+
+    retryable = False
+    breaker_failure = False
+
+    def __init__(self, message: str, *, status: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status if status in (400, 404, 413, 422) else 400
+        self.error_type = "not_found_error" if self.status == 404 else "invalid_request_error"

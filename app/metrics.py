@@ -1,0 +1,35 @@
+"""Every Prometheus metric of the gateway, built on a registry given at start (never at import)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: 5 ms … 120 s: gateway overhead at the low end, slow LLM answers at the high end
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    """The ``admiral_*`` collectors; label sets are bounded (agents, backends, statuses)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("admiral_requests", "Chat completion requests answered.", ["agent", "model", "backend", "status", "cache"], registry=r)
+        self.request_duration = Histogram("admiral_request_duration_seconds", "Whole request time as the client saw it.", buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram("admiral_upstream_duration_seconds", "Time spent in upstream calls.", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("admiral_time_to_first_token_seconds", "Time from the upstream call to its first streamed chunk.", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("admiral_overhead_seconds", "Gateway time excluding the upstream call.", buckets=OVERHEAD_BUCKETS, registry=r)
+        self.cache_hits = Counter("admiral_cache_hits", "Answers served from the cache.", registry=r)
+        self.cache_misses = Counter("admiral_cache_misses", "Cache lookups that found nothing.", registry=r)
+        self.dedupe_coalesced = Counter("admiral_dedupe_coalesced", "Requests answered by joining an identical in-flight call.", registry=r)
+        self.ratelimit_rejections = Counter("admiral_ratelimit_rejections", "Requests refused or deployments skipped by rate limits.", ["scope"], registry=r)
+        self.circuit_state = Gauge("admiral_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ["backend"], registry=r, multiprocess_mode="max")
+        self.backend_up = Gauge("admiral_backend_up", "1 when the backend is usable (circuit not open), else 0.", ["backend"], registry=r, multiprocess_mode="min")
+        self.tokens = Counter("admiral_tokens", "Tokens by direction (prompt, completion).", ["agent", "backend", "direction"], registry=r)
+        self.inflight = Gauge("admiral_inflight_requests", "Chat completion requests in progress.", registry=r, multiprocess_mode="livesum")
+        self.retries = Counter("admiral_retries", "Upstream calls retried after a failure.", ["backend"], registry=r)
+        self.failovers = Counter("admiral_failovers", "Moves from a failing backend to the next.", ["from_backend"], registry=r)
+        self.events = Counter("admiral_events", "Operational events emitted.", ["event"], registry=r)
+        self.log_dropped = Counter("admiral_request_log_dropped", "Request log rows dropped because the queue was full.", registry=r)
+        self.state_degraded = Gauge("admiral_state_degraded", "1 while the shared state store is unreachable.", registry=r, multiprocess_mode="max")

@@ -1,0 +1,54 @@
+"""Gateway keys: the Bearer token names the calling agent."""
+
+from __future__ import annotations
+
+import hashlib
+
+from app.config import KeyConfig
+from app.errors import AuthenticationError
+from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    """Maps a Bearer token to its key entry; with no keys configured every caller is anonymous."""
+
+    def __init__(self, keys: list[KeyConfig]) -> None:
+        self._by_digest = {key_digest(k.key.get_secret_value()): k for k in keys}
+
+    @property
+    def required(self) -> bool:
+        return bool(self._by_digest)
+
+    def identify(self, authorization: str | None) -> KeyConfig | None:
+        if not self._by_digest:
+            return None
+        if not authorization:
+            raise AuthenticationError("Missing API key: send 'Authorization: Bearer <gateway key>'.", code="missing_api_key")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <gateway key>'.")
+        key = self._by_digest.get(key_digest(token))
+        if key is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return key
+
+
+class AuthLayer:
+    """Resolves the agent from the gateway key before anything else runs."""
+
+    def __init__(self, next_handler: Handler, authenticator: Authenticator) -> None:
+        self._next = next_handler
+        self._auth = authenticator
+
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+        key = self._auth.identify(ctx.authorization)
+        if key is not None:
+            ctx.key = key
+            ctx.agent = key.agent
+            ctx.cache_namespace = key.cache_namespace
+        return await self._next(request, ctx)

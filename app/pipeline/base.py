@@ -1,0 +1,106 @@
+"""What flows through the pipeline: the request, its context, the result, and the handler shape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.config import KeyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One place a public model can be served: ``provider/model-id``."""
+
+    provider: str
+    model: str
+
+    @classmethod
+    def parse(cls, text: str) -> Deployment:
+        provider, _, model = text.partition("/")
+        return cls(provider, model)
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated chat completion request; ``body`` is the OpenAI JSON as the client sent it."""
+
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return self.body["model"]
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+    @property
+    def include_usage(self) -> bool:
+        opts = self.body.get("stream_options")
+        return bool(self.stream and isinstance(opts, dict) and opts.get("include_usage"))
+
+    def prompt_text(self) -> str:
+        """The text of the user messages, for routing rules and token estimates."""
+        parts: list[str] = []
+        for msg in self.body["messages"]:
+            if msg.get("role") != "user":
+                continue
+            content = msg.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+        return "\n".join(parts)
+
+    def estimated_tokens(self) -> int:
+        """Prompt size (~4 characters a token) plus the most the answer may take."""
+        chars = sum(len(str(m.get("content") or "")) for m in self.body["messages"])
+        limit = self.body.get("max_completion_tokens") or self.body.get("max_tokens") or 256
+        return chars // 4 + 1 + int(limit) * int(self.body.get("n") or 1)
+
+
+@dataclass(slots=True)
+class ChatResult:
+    """Either a complete ``chat.completion`` body or a live stream of chunk dicts."""
+
+    body: dict[str, Any] | None = None
+    chunks: AsyncIterator[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request state the layers fill in; read at the end for headers, metrics and the log."""
+
+    request_id: str
+    authorization: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    agent: str = "anonymous"
+    key: KeyConfig | None = None
+    cache_namespace: str = "default"
+    cache_read: bool = True
+    cache_write: bool = True
+    route: str = ""
+    deployments: list[Deployment] = field(default_factory=list)
+    strategy: str = "ordered"
+    deployment: Deployment | None = None
+    backend: str = ""
+    cache_status: str = "bypass"
+    dedupe_role: str | None = None
+    attempts: int = 0
+    tried: list[str] = field(default_factory=list)
+    upstream_seconds: float = 0.0
+    ttft_seconds: float | None = None
+    usage: dict[str, Any] | None = None
+    error_type: str | None = None
+
+
+class Handler(Protocol):
+    """A pipeline stage: takes the request and its context, returns the result or raises."""
+
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult: ...

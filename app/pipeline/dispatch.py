@@ -1,0 +1,55 @@
+"""The end of the line: one call to the deployment chosen by the layers above."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.errors import UpstreamBadResponseError
+from app.pipeline.base import ChatRequest, ChatResult, RequestContext
+from app.providers.base import Provider, UpstreamRequest
+
+
+class Dispatcher:
+    """Calls ``ctx.deployment``; a stream is returned only once its first chunk has arrived."""
+
+    def __init__(self, providers: dict[str, Provider]) -> None:
+        self._providers = providers
+
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+        deployment = ctx.deployment
+        assert deployment is not None, "failover sets ctx.deployment before dispatch"
+        provider = self._providers[deployment.provider]
+        call = UpstreamRequest(model=deployment.model, payload=request.body, request_id=ctx.request_id)
+        ctx.attempts += 1
+        started = time.perf_counter()
+        if not request.stream:
+            body = await provider.complete(call)
+            ctx.upstream_seconds = time.perf_counter() - started
+            ctx.backend = deployment.provider
+            ctx.usage = body.get("usage")
+            return ChatResult(body=body)
+        chunks = provider.stream(call)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise UpstreamBadResponseError(f"{deployment.provider} sent an empty stream", backend=deployment.provider) from None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        ctx.ttft_seconds = time.perf_counter() - started
+        ctx.backend = deployment.provider
+        return ChatResult(chunks=self._relay(first, chunks, ctx, started))
+
+    @staticmethod
+    async def _relay(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], ctx: RequestContext, started: float) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield first
+            async for chunk in rest:
+                if chunk.get("usage"):
+                    ctx.usage = chunk["usage"]
+                yield chunk
+        finally:
+            ctx.upstream_seconds = time.perf_counter() - started
+            await rest.aclose()

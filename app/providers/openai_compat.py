@@ -1,0 +1,160 @@
+"""Any OpenAI-compatible HTTP API, through one shared aiohttp session per provider."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.config import ProviderConfig
+from app.errors import (
+    UpstreamAuthError,
+    UpstreamBadResponseError,
+    UpstreamClientError,
+    UpstreamError,
+    UpstreamRateLimitError,
+    UpstreamTimeoutError,
+)
+from app.providers.base import UpstreamRequest
+
+_MAX_ERROR_BODY = 4096
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+class OpenAICompatibleProvider:
+    """A provider reached over HTTP with the OpenAI chat completions protocol."""
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        self.name = name
+        self._config = config
+        self._url = (config.base_url or "").rstrip("/") + "/chat/completions"
+        self._secret = config.api_key.get_secret_value() if config.api_key else ""
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.first_byte_timeout_s or config.timeout_s,
+        )
+        # a stream may run longer than one plain call; the read timeout bounds each silence
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.first_byte_timeout_s or config.timeout_s,
+        )
+
+    async def start(self) -> None:
+        headers = {"Content-Type": "application/json", **self._config.headers}
+        if self._secret:
+            headers["Authorization"] = f"Bearer {self._secret}"
+        connector = aiohttp.TCPConnector(limit=self._config.max_concurrency, keepalive_timeout=30, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(headers=headers, connector=connector, raise_for_status=False, auto_decompress=True)
+
+    def ready(self) -> bool:
+        return self._session is not None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _clean(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _session_or_fail(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise UpstreamError(f"provider {self.name} is not started", backend=self.name)
+        return self._session
+
+    async def _error_for(self, resp: aiohttp.ClientResponse) -> UpstreamError:
+        raw = await resp.content.read(_MAX_ERROR_BODY)
+        detail = ""
+        try:
+            err = orjson.loads(raw).get("error")
+            detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
+        except (orjson.JSONDecodeError, AttributeError):
+            detail = raw[:200].decode("utf-8", "replace")
+        detail = self._clean(detail)
+        message = f"{self.name} answered {resp.status}" + (f": {detail}" if detail else "")
+        status = resp.status
+        if status == 429:
+            return UpstreamRateLimitError(message, backend=self.name, retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+        if status in (401, 403):
+            return UpstreamAuthError(f"{self.name} rejected the gateway's provider key ({status})", backend=self.name)
+        if status in (400, 404, 413, 422):
+            return UpstreamClientError(message, status=status, backend=self.name)
+        if status in (408, 504):
+            return UpstreamTimeoutError(message, backend=self.name)
+        return UpstreamError(message, backend=self.name)
+
+    def _translate(self, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            return UpstreamTimeoutError(f"{self.name} timed out", backend=self.name)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return UpstreamError(f"{self.name} is unreachable: {exc.os_error.strerror or exc.os_error}", backend=self.name)
+        return UpstreamError(f"{self.name} connection failed: {type(exc).__name__}", backend=self.name)
+
+    async def complete(self, request: UpstreamRequest) -> dict[str, Any]:
+        session = self._session_or_fail()
+        payload = {**request.payload, "model": request.model, "stream": False}
+        payload.pop("stream_options", None)
+        try:
+            async with session.post(self._url, data=orjson.dumps(payload), timeout=self._timeout) as resp:
+                if resp.status >= 400:
+                    raise await self._error_for(resp)
+                raw = await resp.read()
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._translate(exc) from exc
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamBadResponseError(f"{self.name} answered a body that is not JSON", backend=self.name) from exc
+        if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
+            raise UpstreamBadResponseError(f"{self.name} answered JSON that is not a chat completion", backend=self.name)
+        return body
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
+        session = self._session_or_fail()
+        payload = {**request.payload, "model": request.model, "stream": True, "stream_options": {"include_usage": True}}
+        finished = False
+        try:
+            async with session.post(self._url, data=orjson.dumps(payload), timeout=self._stream_timeout) as resp:
+                if resp.status >= 400:
+                    raise await self._error_for(resp)
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    try:
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError as exc:
+                        raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
+                    if not isinstance(chunk, dict):
+                        raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
+                    if "error" in chunk:
+                        err = chunk["error"]
+                        detail = err.get("message", "") if isinstance(err, dict) else str(err)
+                        raise UpstreamError(f"{self.name} failed mid-stream: {self._clean(detail)}", backend=self.name)
+                    if any(c.get("finish_reason") for c in chunk.get("choices") or () if isinstance(c, dict)):
+                        finished = True
+                    yield chunk
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._translate(exc) from exc
+        if not finished:
+            raise UpstreamError(f"{self.name} ended the stream before it finished", backend=self.name)

@@ -1,0 +1,78 @@
+"""The end of every request: metrics, and a row for the request log."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from app.metrics import Metrics
+from app.pipeline.base import ChatRequest, RequestContext
+
+
+class LogSink(Protocol):
+    """Takes request log rows without ever blocking the request."""
+
+    def submit(self, row: dict[str, Any]) -> None: ...
+
+
+class RequestRecorder:
+    """Counts and logs each finished request once, whatever way it ended."""
+
+    def __init__(self, metrics: Metrics, log_sink: LogSink | None = None, log_content: bool = False) -> None:
+        self._metrics = metrics
+        self.log_sink = log_sink
+        self._log_content = log_content
+
+    def start(self) -> None:
+        self._metrics.inflight.inc()
+
+    def finish(self, request: ChatRequest | None, ctx: RequestContext, status: int, content: str | None = None) -> None:
+        m = self._metrics
+        m.inflight.dec()
+        elapsed = time.perf_counter() - ctx.started
+        backend = ctx.backend or "none"
+        m.requests.labels(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status).inc()
+        m.request_duration.observe(elapsed)
+        if ctx.upstream_seconds:
+            m.upstream_duration.labels(backend).observe(ctx.upstream_seconds)
+        if ctx.ttft_seconds is not None:
+            m.ttft.labels(backend).observe(ctx.ttft_seconds)
+        m.overhead.observe(max(0.0, elapsed - ctx.upstream_seconds))
+        usage = ctx.usage or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        if ctx.cache_status != "hit" and ctx.dedupe_role != "follower":
+            if prompt_tokens:
+                m.tokens.labels(ctx.agent, backend, "prompt").inc(prompt_tokens)
+            if completion_tokens:
+                m.tokens.labels(ctx.agent, backend, "completion").inc(completion_tokens)
+        if self.log_sink is None:
+            return
+        row: dict[str, Any] = {
+            "ts": datetime.now(UTC),
+            "request_id": ctx.request_id,
+            "agent": ctx.agent,
+            "requested_model": (request.model if request else "")[:200],
+            "route": ctx.route,
+            "backend": ctx.backend or None,
+            "deployment_model": ctx.deployment.model if ctx.deployment else None,
+            "status": status,
+            "outcome": "ok" if status < 400 else ("client_error" if status < 500 else "error"),
+            "cache": ctx.cache_status,
+            "dedupe": ctx.dedupe_role,
+            "stream": bool(request and request.stream),
+            "latency_ms": elapsed * 1000.0,
+            "upstream_ms": ctx.upstream_seconds * 1000.0 if ctx.upstream_seconds else None,
+            "ttft_ms": ctx.ttft_seconds * 1000.0 if ctx.ttft_seconds is not None else None,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "attempts": ctx.attempts,
+            "error_type": ctx.error_type,
+            "prompt": None,
+            "completion": None,
+        }
+        if self._log_content and request is not None:
+            row["prompt"] = request.prompt_text()
+            row["completion"] = content
+        self.log_sink.submit(row)

@@ -1,0 +1,68 @@
+"""Everything a running gateway holds, opened and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.config import Settings
+from app.metrics import Metrics
+from app.pipeline import build_pipeline
+from app.pipeline.auth import Authenticator
+from app.pipeline.base import Handler
+from app.pipeline.router import ModelRouter
+from app.providers import Provider, build_providers
+from app.recorder import RequestRecorder
+
+log = logging.getLogger("admiral")
+
+
+@dataclass
+class Services:
+    """The gateway's long-lived parts; built in :meth:`open`, released in :meth:`close`."""
+
+    settings: Settings
+    metrics: Metrics
+    providers: dict[str, Provider]
+    authenticator: Authenticator
+    router: ModelRouter
+    recorder: RequestRecorder
+    pipeline: Handler = field(init=False)
+    started_at: float = field(default_factory=time.time)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, settings: Settings, metrics: Metrics | None = None) -> Services:
+        metrics = metrics or Metrics()
+        services = cls(
+            settings=settings,
+            metrics=metrics,
+            providers=build_providers(settings),
+            authenticator=Authenticator(settings.keys),
+            router=ModelRouter(settings),
+            recorder=RequestRecorder(metrics, log_content=settings.database.log_content),
+        )
+        services.pipeline = build_pipeline(services)
+        for provider in services.providers.values():
+            await provider.start()
+        return services
+
+    async def readiness(self) -> dict[str, dict[str, Any]]:
+        ready = [name for name, p in self.providers.items() if p.ready()]
+        return {"backends": {"ok": bool(ready), "ready": ready}}
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for provider in self.providers.values():
+            try:
+                await provider.aclose()
+            except Exception:
+                log.exception("closing provider %s failed", provider.name)

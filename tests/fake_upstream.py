@@ -1,0 +1,370 @@
+"""A fake OpenAI-compatible provider: a real aiohttp server on loopback, in its own thread.
+
+    with FakeUpstream() as up:          # or up.start() / up.stop()
+        up.base_url                      # "http://127.0.0.1:PORT/v1"
+        up.behaviour = "500"             # global behaviour (validated on assignment)
+        up.script(["429:2", "ok"])       # per-call queue, popped by each chat request
+        up.by_model = {"bad": "hang"}    # wins over script and global for that request model
+        up.latency = 0.05                # slept on every request, before the behaviour
+        up.calls, up.requests, up.inflight, up.peak_inflight, up.cancelled, up.reset()
+
+Behaviour syntax is ``name`` or ``name:arg`` (or a ``Behaviour`` instance):
+
+    ok               200; chat.completion echoing "echo: <last user text>", or SSE if stream=true
+    slow:S           like ok, after S seconds of silence (before headers / the first chunk)
+    dribble:S        like ok, S seconds between stream chunks (plain: one S wait)
+    500              HTTP 500 with an OpenAI error body
+    status:CODE      HTTP CODE with an OpenAI error body (400, 401, 403, 404, 503, ...)
+    429[:S]          HTTP 429 with ``Retry-After: S`` (default 1; fractions sent as given, e.g. 0.2)
+    429-noretry      HTTP 429 without Retry-After
+    hang             never answers; ends only when the client leaves or the server stops
+    badjson          200, content-type application/json, body that is not JSON
+    wrongshape       200 with valid JSON that is not a chat completion: {"foo": 1}
+    cut              stream: role chunk + one content chunk, then the socket is closed;
+                     plain: headers with the full content-length, half the body, then closed
+    nodone           stream with everything (finish_reason, usage) except ``data: [DONE]``
+
+``GET /v1/models`` always answers ``up.models`` (latency applies). Every request is recorded in
+``up.requests`` (header names lower-cased); ``up.calls`` counts chat completion requests only.
+``up.cancelled`` counts chat requests whose client went away before the response was complete.
+A request without a ``messages`` list gets a 400 whatever the behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Self
+
+from aiohttp import web
+
+_NAMES = frozenset(
+    {"ok", "slow", "dribble", "status", "429", "429-noretry"}
+    | {"hang", "badjson", "wrongshape", "cut", "nodone"}
+)
+_NEEDS_ARG = frozenset({"slow", "dribble", "status"})
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """One scripted way of answering a chat request."""
+
+    name: str
+    arg: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str | Behaviour) -> Behaviour:
+        if isinstance(spec, Behaviour):
+            return spec
+        name, _, arg = spec.partition(":")
+        if name == "500":
+            return cls("status", 500)
+        if name not in _NAMES or (name in _NEEDS_ARG and not arg):
+            raise ValueError(f"unknown fake upstream behaviour: {spec!r}")
+        return cls(name, float(arg) if arg else 1.0 if name == "429" else 0.0)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """A request as the fake received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    at: float  # time.monotonic() on arrival
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # content parts
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
+    kind = _ERROR_TYPES.get(status, "server_error")
+    error = {"message": f"fake upstream error {status}", "type": kind, "param": None, "code": None}
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+def _chunk(head: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> Any:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+class FakeUpstream:
+    """An OpenAI-compatible HTTP server on 127.0.0.1 with scripted behaviours and a recorder."""
+
+    def __init__(self, behaviour: str | Behaviour = "ok", *, latency: float = 0.0) -> None:
+        self.behaviour = behaviour
+        self.by_model: dict[str, str | Behaviour] = {}
+        self.latency = latency
+        self.models: list[str] = ["fake-model"]
+        # counters are written under the lock by the server thread; reading them needs none
+        self.calls = self.inflight = self.peak_inflight = self.cancelled = 0
+        self.port = 0
+        self._lock = threading.Lock()
+        self._script: deque[str | Behaviour] = deque()
+        self._requests: list[RecordedRequest] = []
+        self._ids = itertools.count(1)  # never reset: equal ids must mean the same answer
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def behaviour(self) -> str | Behaviour:
+        return self._behaviour
+
+    @behaviour.setter
+    def behaviour(self, spec: str | Behaviour) -> None:
+        Behaviour.parse(spec)  # a typo must fail in the test, not as a puzzling HTTP 500
+        self._behaviour = spec
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def script(self, behaviours: Iterable[str | Behaviour]) -> None:
+        """Replace the per-call queue (validated now, so typos fail in the test)."""
+        items = list(behaviours)
+        for b in items:
+            Behaviour.parse(b)
+        with self._lock:
+            self._script = deque(items)
+
+    def reset(self, *, behaviours: bool = True) -> None:
+        """Clear recordings and counters; with ``behaviours`` also script, overrides, latency."""
+        with self._lock:
+            self._requests.clear()
+            self.calls = self.cancelled = 0
+            self.peak_inflight = self.inflight
+            if behaviours:
+                self._script.clear()
+                self.behaviour, self.by_model, self.latency = "ok", {}, 0.0
+
+    def _choose(self, body: Any) -> Behaviour:
+        model = body.get("model") if isinstance(body, dict) else None
+        with self._lock:
+            if isinstance(model, str) and model in self.by_model:
+                spec = self.by_model[model]
+            elif self._script:
+                spec = self._script.popleft()
+            else:
+                spec = self._behaviour
+        return Behaviour.parse(spec)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        self._stopping = False
+        self._loop = loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), loop).result(timeout=10)
+        return self
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        # handler_cancellation: a client disconnect must cancel the handler, so it is counted
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        # a deep backlog: load tests open hundreds of connections at once
+        await web.TCPSite(self._runner, "127.0.0.1", 0, backlog=2048).start()
+        self.port = self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._stopping = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=5)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            loop.close()
+            self._loop = self._thread = None
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _record(self, request: web.Request, body: Any) -> None:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        entry = RecordedRequest(request.method, request.path, headers, body, time.monotonic())
+        with self._lock:
+            self._requests.append(entry)
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, None)
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            body = None
+        self._record(request, body)
+        with self._lock:
+            self.calls += 1
+            seq = next(self._ids)
+            self.inflight += 1
+            self.peak_inflight = max(self.peak_inflight, self.inflight)
+        try:
+            return await self._answer(request, body, f"chatcmpl-fake-{seq}")
+        except (asyncio.CancelledError, ConnectionError):
+            if not self._stopping:
+                with self._lock:
+                    self.cancelled += 1
+            raise
+        finally:
+            with self._lock:
+                self.inflight -= 1
+            self._tasks.discard(task)
+
+    async def _answer(self, request: web.Request, body: Any, rid: str) -> web.StreamResponse:
+        behaviour = self._choose(body)
+        name, arg = behaviour.name, behaviour.arg
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _error(400)
+        if name == "status":
+            return _error(int(arg))
+        if name == "429":
+            return _error(429, {"Retry-After": f"{arg:g}"})
+        if name == "429-noretry":
+            return _error(429)
+        if name == "hang":
+            await asyncio.Event().wait()
+        if name == "badjson":
+            return web.Response(body=b'{"id": "chatcmpl-', content_type="application/json")
+        if name == "wrongshape":
+            return web.json_response({"foo": 1})
+        if name == "slow":
+            await asyncio.sleep(arg)
+
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        user = [m for m in messages if m.get("role") == "user"]
+        content = "echo: " + (_text(user[-1].get("content")) if user else "")
+        prompt = sum(len(_text(m.get("content")).split()) for m in messages)
+        completion = len(content.split())
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        head = {"id": rid, "created": int(time.time()), "model": body.get("model", "")}
+        if body.get("stream"):
+            return await self._stream(request, body, behaviour, head, content, usage)
+
+        if name == "dribble":
+            await asyncio.sleep(arg)
+        message = {"role": "assistant", "content": content}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+        payload = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+        if name != "cut":
+            return web.json_response(payload)
+        raw = json.dumps(payload).encode()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(raw)
+        await resp.prepare(request)
+        await resp.write(raw[: len(raw) // 2])
+        return _abort(request, resp)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        behaviour: Behaviour,
+        head: dict[str, Any],
+        content: str,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        if include_usage:  # as OpenAI does: every chunk carries usage, null until the last
+            head = {**head, "usage": None}
+        words = content.split(" ")
+        events = [_chunk(head, {"role": "assistant", "content": ""})]
+        events += [_chunk(head, {"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+        events.append(_chunk(head, {}, "stop"))
+        if include_usage:
+            events.append(
+                {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            )
+
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        delay = behaviour.arg if behaviour.name == "dribble" else 0.0
+        for i, event in enumerate(events):
+            if i and delay:
+                await asyncio.sleep(delay)
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+            if behaviour.name == "cut" and i == 1:
+                return _abort(request, resp)
+        if behaviour.name != "nodone":
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    # close() still flushes what was written, so the client sees a body cut mid-way
+    if request.transport is not None:
+        request.transport.close()
+    resp.force_close()
+    return resp
