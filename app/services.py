@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config import Settings
+from app.events import EventBus
 from app.metrics import Metrics
 from app.pipeline import build_pipeline
 from app.pipeline.auth import Authenticator
@@ -17,6 +18,7 @@ from app.pipeline.base import Handler
 from app.pipeline.router import ModelRouter
 from app.providers import Provider, build_providers
 from app.recorder import RequestRecorder
+from app.state import StateStore, build_state_store
 
 log = logging.getLogger("admiral")
 
@@ -31,6 +33,8 @@ class Services:
     authenticator: Authenticator
     router: ModelRouter
     recorder: RequestRecorder
+    state: StateStore
+    events: EventBus
     pipeline: Handler = field(init=False)
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -45,6 +49,8 @@ class Services:
             authenticator=Authenticator(settings.keys),
             router=ModelRouter(settings),
             recorder=RequestRecorder(metrics, log_content=settings.database.log_content),
+            state=build_state_store(settings.state),
+            events=EventBus(metrics),
         )
         services.pipeline = build_pipeline(services)
         for provider in services.providers.values():
@@ -53,7 +59,11 @@ class Services:
 
     async def readiness(self) -> dict[str, dict[str, Any]]:
         ready = [name for name, p in self.providers.items() if p.ready()]
-        return {"backends": {"ok": bool(ready), "ready": ready}}
+        try:
+            state_ok = await self.state.ping()
+        except Exception:
+            state_ok = False
+        return {"state": {"ok": state_ok}, "backends": {"ok": bool(ready), "ready": ready}}
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -66,3 +76,4 @@ class Services:
                 await provider.aclose()
             except Exception:
                 log.exception("closing provider %s failed", provider.name)
+        await self.state.aclose()

@@ -1,0 +1,73 @@
+"""In-process state for a single replica; the clock is injectable so tests control time."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+
+class MemoryStateStore:
+    """Dicts on one event loop; each method runs without awaiting, so it is atomic."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tat: dict[str, float] = {}
+        self._events: dict[str, deque[float]] = {}
+        self._values: dict[str, tuple[bytes, float | None]] = {}
+
+    async def acquire_rate(self, key: str, limit: float, period_s: float, cost: float = 1.0) -> float:
+        now = self._clock()
+        interval = period_s / limit
+        tat = max(self._tat.get(key, now), now)
+        new_tat = tat + cost * interval
+        allow_at = new_tat - period_s
+        if allow_at > now:
+            return allow_at - now
+        self._tat[key] = new_tat
+        return 0.0
+
+    async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
+        now = self._clock()
+        tat = max(self._tat.get(key, now), now)
+        self._tat[key] = max(now, tat + delta * (period_s / limit))
+
+    async def record_event(self, key: str, window_s: float) -> int:
+        now = self._clock()
+        events = self._events.setdefault(key, deque())
+        events.append(now)
+        while events and events[0] <= now - window_s:
+            events.popleft()
+        return len(events)
+
+    def _live(self, key: str) -> bytes | None:
+        item = self._values.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and expires <= self._clock():
+            del self._values[key]
+            return None
+        return value
+
+    async def get(self, key: str) -> bytes | None:
+        return self._live(key)
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._values[key] = (value, None if ttl_s is None else self._clock() + ttl_s)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        self._values[key] = (value, self._clock() + ttl_s)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+        self._events.pop(key, None)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
