@@ -9,6 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from app.config import Settings
 from app.events import EventBus
 from app.metrics import Metrics
@@ -19,6 +22,8 @@ from app.pipeline.router import ModelRouter
 from app.providers import Provider, build_providers
 from app.recorder import RequestRecorder
 from app.state import StateStore, build_state_store
+from app.storage.db import create_engine
+from app.storage.migrate import upgrade_to_head
 
 log = logging.getLogger("admiral")
 
@@ -35,6 +40,7 @@ class Services:
     recorder: RequestRecorder
     state: StateStore
     events: EventBus
+    db: AsyncEngine
     pipeline: Handler = field(init=False)
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -51,7 +57,11 @@ class Services:
             recorder=RequestRecorder(metrics, log_content=settings.database.log_content),
             state=build_state_store(settings.state),
             events=EventBus(metrics),
+            db=create_engine(settings.database.url),
         )
+        if settings.database.url.startswith("sqlite"):
+            # the embedded default upgrades itself so the first `serve` just works
+            await asyncio.to_thread(upgrade_to_head, settings.database.url)
         services.pipeline = build_pipeline(services)
         for provider in services.providers.values():
             await provider.start()
@@ -63,7 +73,13 @@ class Services:
             state_ok = await self.state.ping()
         except Exception:
             state_ok = False
-        return {"state": {"ok": state_ok}, "backends": {"ok": bool(ready), "ready": ready}}
+        try:
+            async with self.db.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            db_ok = True
+        except Exception:
+            db_ok = False
+        return {"database": {"ok": db_ok}, "state": {"ok": state_ok}, "backends": {"ok": bool(ready), "ready": ready}}
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -77,3 +93,4 @@ class Services:
             except Exception:
                 log.exception("closing provider %s failed", provider.name)
         await self.state.aclose()
+        await self.db.dispose()

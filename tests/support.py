@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,10 @@ def free_port() -> int:
 
 
 def make_settings(config: dict[str, Any] | str, source: str = "test.yaml", env: dict[str, str] | None = None) -> Settings:
-    data = yaml.safe_load(config) if isinstance(config, str) else config
+    data = yaml.safe_load(config) if isinstance(config, str) else dict(config)
+    if "database" not in data:
+        # never the working directory: each test gateway gets its own SQLite file
+        data["database"] = {"url": f"sqlite+aiosqlite:///{tempfile.mkdtemp(prefix='admiral-test-')}/admiral.db"}
     return build_settings(data, source, env or {})
 
 
