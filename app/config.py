@@ -145,6 +145,7 @@ class CircuitBreakerConfig(_Strict):
     failure_threshold: int = Field(5, ge=1)
     window_s: float = Field(60.0, gt=0)
     cooldown_s: float = Field(300.0, gt=0)
+    rate_limit_cooldown_s: float = Field(5.0, ge=0)  # pause after a provider 429 without Retry-After
 
 
 class RetryConfig(_Strict):
@@ -217,10 +218,11 @@ def _interpolate(node: Any, path: str, env: Mapping[str, str]) -> Any:
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
+            if default is not None:
+                # as in the shell: ${X:-d} also takes d when X is set but empty (compose passes unset vars as "")
+                return env.get(name) or default
             if name in env:
                 return env[name]
-            if default is not None:
-                return default
             raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
 
         return _ENV.sub(sub, node)

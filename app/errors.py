@@ -13,7 +13,9 @@
         ├── UpstreamRateLimitError    429 from the provider (+ its Retry-After)
         ├── UpstreamAuthError         401/403 from the provider: our key is bad
         ├── UpstreamBadResponseError  the provider answered something that is not OpenAI
-        └── UpstreamClientError       the provider rejected the request itself (400/404/422)
+        ├── UpstreamClientError       the provider rejected the request itself (400/404/422)
+        └── BackendUnavailableError   503: skipped without a call (circuit open, queue full)
+            └── BackendRateLimitedError  429: skipped (provider budget spent, cooling after a 429)
 
 Vendor exceptions are translated at the provider boundary (``raise UpstreamError(...) from exc``).
 """
@@ -144,3 +146,20 @@ class UpstreamClientError(UpstreamError):
         super().__init__(message, **kwargs)
         self.status = status if status in (400, 404, 413, 422) else 400
         self.error_type = "not_found_error" if self.status == 404 else "invalid_request_error"
+
+
+class BackendUnavailableError(UpstreamError):
+    """A deployment skipped without calling it: its circuit is open or its queue is full."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "backend_unavailable"
+    breaker_failure = False
+
+
+class BackendRateLimitedError(BackendUnavailableError):
+    """A deployment skipped because its provider budget is spent or it asked us to wait."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"

@@ -32,4 +32,5 @@ class Metrics:
         self.failovers = Counter("admiral_failovers", "Moves from a failing backend to the next.", ["from_backend"], registry=r)
         self.events = Counter("admiral_events", "Operational events emitted.", ["event"], registry=r)
         self.log_dropped = Counter("admiral_request_log_dropped", "Request log rows dropped because the queue was full.", registry=r)
+        self.webhook_deliveries = Counter("admiral_webhook_deliveries", "Event webhook POSTs by outcome (ok, failed after retries, dropped on a full queue).", ["outcome"], registry=r)
         self.state_degraded = Gauge("admiral_state_degraded", "1 while the shared state store is unreachable.", registry=r, multiprocess_mode="max")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.metrics import Metrics
 from app.pipeline.base import ChatRequest, RequestContext
+
+if TYPE_CHECKING:
+    from app.degraded import HitRateWatch
 
 
 class LogSink(Protocol):
@@ -23,6 +26,8 @@ class RequestRecorder:
         self._metrics = metrics
         self.log_sink = log_sink
         self._log_content = log_content
+        #: watches the cache hit rate for ``optimizer.degraded`` (set by Services)
+        self.hit_rate_watch: HitRateWatch | None = None
 
     def start(self) -> None:
         self._metrics.inflight.inc()
@@ -47,6 +52,8 @@ class RequestRecorder:
                 m.tokens.labels(ctx.agent, backend, "prompt").inc(prompt_tokens)
             if completion_tokens:
                 m.tokens.labels(ctx.agent, backend, "completion").inc(completion_tokens)
+        if self.hit_rate_watch is not None:
+            self.hit_rate_watch.observe(ctx.cache_status)
         if self.log_sink is None:
             return
         row: dict[str, Any] = {
@@ -55,7 +62,8 @@ class RequestRecorder:
             "agent": ctx.agent,
             "requested_model": (request.model if request else "")[:200],
             "route": ctx.route,
-            "backend": ctx.backend or None,
+            # a failed request names the last backend it tried
+            "backend": ctx.backend or (ctx.deployment.provider if ctx.deployment else None),
             "deployment_model": ctx.deployment.model if ctx.deployment else None,
             "status": status,
             "outcome": "ok" if status < 400 else ("client_error" if status < 500 else "error"),

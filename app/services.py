@@ -6,24 +6,33 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.api.metrics import mark_worker_dead
+from app.clock import Clock
 from app.config import Settings
+from app.degraded import HitRateWatch
 from app.events import EventBus
 from app.metrics import Metrics
 from app.pipeline import build_pipeline
 from app.pipeline.auth import Authenticator
 from app.pipeline.base import Handler
+from app.pipeline.inflight import InflightCoordinator, LocalInflight
+from app.pipeline.resilience import Resilience
 from app.pipeline.router import ModelRouter
 from app.providers import Provider, build_providers
 from app.recorder import RequestRecorder
 from app.state import StateStore, build_state_store
 from app.storage.db import create_engine
-from app.storage.migrate import upgrade_to_head
+from app.storage.migrate import known_revisions, schema_problem, upgrade_to_head
+from app.storage.request_log import RequestLogWriter
+from app.storage.response_cache import ResponseCache
+from app.webhooks import WebhookSender
 
 log = logging.getLogger("admiral")
 
@@ -42,11 +51,24 @@ class Services:
     events: EventBus
     db: AsyncEngine
     pipeline: Handler = field(init=False)
+    #: limits, breakers, slots and latency shared by the layers; its read API serves /admin/backends
+    resilience: Resilience = field(init=False)
+    clock: Clock = field(default_factory=Clock)
     started_at: float = field(default_factory=time.time)
+    log_writer: RequestLogWriter | None = None
+    webhooks: WebhookSender | None = None
+    #: the exact response cache (None when ``cache.enabled`` is off)
+    cache: ResponseCache | None = None
+    #: where identical in-flight requests meet (single-flight dedupe)
+    inflight: InflightCoordinator = field(default_factory=LocalInflight)
+    #: set by the resilience layers: extra ``/admin/backends`` detail for a provider name
+    backend_status: Callable[[str], Awaitable[dict[str, Any]]] | None = None
+    #: (head revision, known revisions) when the schema is checked rather than upgraded at start
+    _schema: tuple[str | None, frozenset[str]] | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @classmethod
-    async def open(cls, settings: Settings, metrics: Metrics | None = None) -> Services:
+    async def open(cls, settings: Settings, metrics: Metrics | None = None, *, clock: Clock | None = None) -> Services:
         metrics = metrics or Metrics()
         services = cls(
             settings=settings,
@@ -55,13 +77,38 @@ class Services:
             authenticator=Authenticator(settings.keys),
             router=ModelRouter(settings),
             recorder=RequestRecorder(metrics, log_content=settings.database.log_content),
-            state=build_state_store(settings.state),
+            state=build_state_store(settings.state, metrics, clock=clock.now if clock else None),
             events=EventBus(metrics),
             db=create_engine(settings.database.url),
+            clock=clock or Clock(),
         )
         if settings.database.url.startswith("sqlite"):
             # the embedded default upgrades itself so the first `serve` just works
             await asyncio.to_thread(upgrade_to_head, settings.database.url)
+        else:
+            # several replicas could race an upgrade: `admiral-optimizer migrate` is a deploy step
+            services._schema = await asyncio.to_thread(known_revisions, settings.database.url)
+            try:
+                problem = await services._schema_problem()
+            except Exception as exc:
+                problem = f"database unreachable ({type(exc).__name__}: {exc})"
+            if problem:
+                log.error("NOT READY: %s; requests are served but not logged until then", problem)
+        db = settings.database
+        services.log_writer = RequestLogWriter(services.db, metrics, queue_size=db.queue_size, batch_size=db.batch_size, retention_days=db.retention_days)
+        services.log_writer.start()
+        services.recorder.log_sink = services.log_writer
+        services.recorder.hit_rate_watch = HitRateWatch.from_config(services.events, settings.events)
+        if settings.events.webhooks:
+            ev = settings.events
+            services.webhooks = WebhookSender(ev.webhooks, metrics, timeout_s=ev.timeout_s, queue_size=ev.queue_size)
+            services.webhooks.start()
+            services.events.sinks.append(services.webhooks)
+        services.resilience = Resilience.build(settings, services.state, metrics, services.events, services.clock)
+        services.backend_status = services.resilience.provider_status
+        if settings.cache.enabled:
+            services.cache = ResponseCache.from_config(settings.cache, services.db, services.clock)
+            services.cache.start()
         services.pipeline = build_pipeline(services)
         for provider in services.providers.values():
             await provider.start()
@@ -73,15 +120,34 @@ class Services:
             state_ok = await self.state.ping()
         except Exception:
             state_ok = False
+        db_check: dict[str, Any] = {"ok": True}
         try:
+            problem = await self._schema_problem()
+            if problem:
+                db_check = {"ok": False, "message": problem}
+        except Exception as exc:
+            db_check = {"ok": False, "message": f"unreachable: {type(exc).__name__}"}
+        state_check: dict[str, Any] = {"ok": state_ok}
+        if getattr(self.state, "degraded", False):
+            state_check["degraded"] = True  # Redis down: requests are served on this replica's in-process state
+        return {"database": db_check, "state": state_check, "backends": {"ok": bool(ready) and self.resilience.breaker.any_usable(), "ready": ready}}
+
+    async def _schema_problem(self) -> str | None:
+        if self._schema is None:
             async with self.db.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-            db_ok = True
-        except Exception:
-            db_ok = False
-        return {"database": {"ok": db_ok}, "state": {"ok": state_ok}, "backends": {"ok": bool(ready), "ready": ready}}
+            return None
+        return await schema_problem(self.db, *self._schema)
 
     async def close(self) -> None:
+        # in-flight requests are done by now (uvicorn drains them first): their rows are queued
+        if self.log_writer is not None:
+            await self.log_writer.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
+        await self.inflight.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()  # pending cache writes land before the engine goes
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -94,3 +160,4 @@ class Services:
                 log.exception("closing provider %s failed", provider.name)
         await self.state.aclose()
         await self.db.dispose()
+        mark_worker_dead()

@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 import yaml
 
+from app.clock import Clock
 from app.config import Settings, build_settings
 from app.main import create_app
 from app.services import Services
@@ -36,9 +37,9 @@ def make_settings(config: dict[str, Any] | str, source: str = "test.yaml", env: 
 class GatewayServer:
     """The whole app behind uvicorn on 127.0.0.1, started and stopped from sync tests."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, clock=clock)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
@@ -84,6 +85,6 @@ class GatewayServer:
 
 
 @contextmanager
-def gateway(config: dict[str, Any] | str, env: dict[str, str] | None = None) -> Iterator[GatewayServer]:
-    with GatewayServer(make_settings(config, env=env)) as server:
+def gateway(config: dict[str, Any] | str, env: dict[str, str] | None = None, clock: Clock | None = None) -> Iterator[GatewayServer]:
+    with GatewayServer(make_settings(config, env=env), clock=clock) as server:
         yield server

@@ -6,17 +6,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.api.errors import error_response, validation_error
 from app.api.middleware import request_id_of
-from app.api.schemas import ChatCompletionRequest
-from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
+from app.api.schemas import ChatCompletionRequest, request_body_schema
+from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError, UpstreamError
 from app.pipeline.base import ChatRequest, ChatResult, RequestContext
 from app.pipeline.streaming import ChunkAssembler, chunks_from_completion
 
@@ -27,6 +29,15 @@ router = APIRouter()
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 CLIENT_CLOSED = 499
+#: what clients send JSON as: curl -d says form-urlencoded, some SDKs say text/plain
+_JSON_MEDIA_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded", "text/plain"})
+
+
+def check_content_type(value: str | None) -> None:
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media and media not in _JSON_MEDIA_TYPES and not media.endswith("+json"):
+        shown = media if len(media) <= 100 else media[:100] + "..."
+        raise BadRequestError(f"Unsupported Content-Type '{shown}': send the request body as application/json.", code="unsupported_media_type")
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -38,6 +49,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise BadRequestError(f"The request body is not valid JSON: {exc.msg} (at position {exc.pos}).") from None
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object.")
+    try:
+        # orjson reads 1024 levels but writes only 254: fail here, not when calling the provider
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise BadRequestError("The request body nests too deeply (over 254 levels).") from None
     try:
         ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
@@ -52,8 +68,13 @@ def _cache_directives(value: str | None) -> tuple[bool, bool]:
     return "no-cache" not in directives, "no-store" not in directives
 
 
+def _header_value(text: str) -> str:
+    # a provider/model-id route may hold any unicode; header values must be printable latin-1
+    return text if text.isascii() and text.isprintable() else quote(text, safe="/:@!$&'()*+,;=~")
+
+
 def _headers(ctx: RequestContext) -> dict[str, str]:
-    headers = {"x-admiral-cache": ctx.cache_status, "x-admiral-route": ctx.route}
+    headers = {"x-admiral-cache": ctx.cache_status, "x-admiral-route": _header_value(ctx.route)}
     if ctx.backend:
         headers["x-admiral-backend"] = ctx.backend
     if ctx.dedupe_role:
@@ -137,7 +158,7 @@ class SSEResponse(Response):
 
 @router.post(
     "/v1/chat/completions",
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_body_schema()}}}},
 )
 async def chat_completions(request: Request) -> Response:
     services = request.app.state.services
@@ -149,6 +170,9 @@ async def chat_completions(request: Request) -> Response:
     assert task is not None
     watcher: asyncio.Task[None] | None = None
     try:
+        # the key first: a caller without one learns nothing about the body
+        services.authenticator.identify(ctx.authorization)
+        check_content_type(request.headers.get("content-type"))
         chat = ChatRequest(parse_body(await request.body()))
         ctx.cache_read, ctx.cache_write = _cache_directives(request.headers.get("cache-control"))
         watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, task))
@@ -167,12 +191,18 @@ async def chat_completions(request: Request) -> Response:
         return SSEResponse(first, chunks, chat.include_usage, _headers(ctx), lambda status, text: recorder.finish(request_chat, request_ctx, status, text))
     except GatewayError as exc:
         ctx.error_type = exc.error_type
+        if isinstance(exc, UpstreamError) or exc.status >= 500:
+            log.warning("request %s answered %d: %s", ctx.request_id, exc.status, exc.message)
         recorder.finish(chat, ctx, exc.status)
         return error_response(exc)
     except asyncio.CancelledError:
         if watcher is None or not watcher.done() or watcher.cancelled():
             raise
         task.uncancel()
+        recorder.finish(chat, ctx, CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
+    except ClientDisconnect:
+        # gone while sending the body: nobody to answer
         recorder.finish(chat, ctx, CLIENT_CLOSED)
         return Response(status_code=CLIENT_CLOSED)
     except BaseException:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.responses import json_response
-from app.errors import BadRequestError, GatewayError, NotFoundError
+from app.errors import BadRequestError, GatewayError, NotFoundError, ServiceUnavailableError
 
 log = logging.getLogger("admiral.api")
 
@@ -21,15 +25,52 @@ def error_response(exc: GatewayError) -> Response:
     return json_response(exc.body(), exc.status, exc.headers())
 
 
-def validation_error(errors: list[dict]) -> BadRequestError:
-    """The first pydantic error as a 400 naming the parameter (``messages[0].role``)."""
+#: how pydantic names the member of a union in an error's location (``str``, ``list[ContentPart]``)
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|dict|list)$|^[a-z][a-z-]*\[.*\]$")
+_INSTANCE_OF = re.compile(r" or instance of \w+")
+
+
+def _is_tag(part: Any) -> bool:
+    return isinstance(part, str) and _UNION_TAG.match(part) is not None
+
+
+def _first_error(errors: list[dict]) -> tuple[list[Any], str]:
+    """The first error's location without union tags, and its message.
+
+    When a value fits no member of a union, pydantic reports one error per member: the one that
+    got furthest is the useful one, and when none got past the type check they are joined
+    (``Input should be a valid string or a valid list``).
+    """
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [p for p in first.get("loc", ()) if p != "body"]
+    message = str(first.get("msg", "invalid request"))
+    tag_at = next((i for i, p in enumerate(loc) if _is_tag(p)), None)
+    if tag_at is not None:
+        prefix = tuple(loc[:tag_at])
+        branches = [e for e in errors if tuple(p for p in e.get("loc", ()) if p != "body")[:tag_at] == prefix]
+        # the member whose type matched and failed deeper inside (or on a constraint) says most
+        best = max(branches, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
+        if len(best.get("loc", ())) > len(first.get("loc", ())) or not str(best.get("type", "")).endswith("_type"):
+            loc = [p for p in best["loc"] if p != "body"]
+            message = str(best.get("msg", message))
+        else:
+            msgs = [str(e.get("msg", "")) for e in branches]
+            message = msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:])
+        loc = [p for p in loc if not _is_tag(p)]
+    return loc, _INSTANCE_OF.sub("", message.removeprefix("Value error, "))
+
+
+def validation_error(errors: list[dict]) -> BadRequestError:
+    """The first pydantic error as a 400 naming the parameter (``messages[0].role``)."""
+    loc, message = _first_error(errors)
     param = ""
     for part in loc:
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     return BadRequestError(f"Invalid request: {param or 'body'}: {message}", param=param or None)
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -41,17 +82,26 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return error_response(validation_error(list(exc.errors())))
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        where = f"{request.method} {_shown(request.url.path)}"
         if exc.status_code == 404:
-            return error_response(NotFoundError("Unknown path."))
-        err = GatewayError(str(exc.detail))
+            return error_response(NotFoundError(f"Unknown path: {where}."))
+        detail = str(exc.detail)
+        if exc.status_code == 405:
+            detail = f"Method not allowed: {where}; this path takes {(exc.headers or {}).get('Allow', 'another method')}."
+        err = GatewayError(detail)
         err.status = exc.status_code
         err.error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error")
         response = error_response(err)
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         return response
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        # the database went away under the route: the caller may well succeed a little later
+        log.warning("%s %s: the database is unavailable: %s: %s", request.method, request.url.path, type(exc).__name__, str(exc)[:200])
+        return error_response(ServiceUnavailableError("The gateway's database is unavailable; try again shortly.", code="database_unavailable", retry_after=5))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -60,4 +110,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, request_validation)
     app.add_exception_handler(HTTPException, http_error)
+    for unreachable in (OSError, OperationalError, InterfaceError, SQLAlchemyTimeoutError):
+        app.add_exception_handler(unreachable, unavailable)
     app.add_exception_handler(Exception, unexpected)

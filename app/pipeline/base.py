@@ -55,7 +55,7 @@ class ChatRequest:
             if isinstance(content, str):
                 parts.append(content)
             elif isinstance(content, list):
-                parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+                parts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         return "\n".join(parts)
 
     def estimated_tokens(self) -> int:
@@ -85,6 +85,8 @@ class RequestContext:
     cache_namespace: str = "default"
     cache_read: bool = True
     cache_write: bool = True
+    #: SHA-256 of the fields that decide the answer; computed once, shared by cache and dedupe
+    cache_key: str | None = None
     route: str = ""
     deployments: list[Deployment] = field(default_factory=list)
     strategy: str = "ordered"

@@ -1,35 +1,156 @@
-"""Ordered failover: try each deployment of the route until one answers."""
+"""Retries and failover across a route's deployments, within one request deadline.
+
+A round walks the deployments (config order, or fastest first for ``strategy: latency``); a
+retryable failure moves on to the next at once. After a round with at least one real failure the
+next round starts after exponential backoff with jitter — longer if every deployment asked to
+wait (Retry-After) — up to ``retry.attempts`` rounds, never past ``retry.deadline_s``. A round
+where every deployment was skipped uncalled (circuit open, budget spent, queue full) ends at once:
+the client is told when to come back instead of being held.
+"""
 
 from __future__ import annotations
 
-from app.errors import GatewayError, UpstreamError, UpstreamTimeoutError
-from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+
+from app.clock import Clock
+from app.config import Settings
+from app.errors import (
+    BackendRateLimitedError,
+    BackendUnavailableError,
+    GatewayError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamRateLimitError,
+    UpstreamTimeoutError,
+)
+from app.metrics import Metrics
+from app.pipeline.base import ChatRequest, ChatResult, Deployment, Handler, RequestContext
+from app.pipeline.latency import LatencyTracker
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How many rounds over the deployments, the backoff between them, the overall deadline."""
+
+    attempts: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 8.0
+    deadline_s: float = 120.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        r = settings.retry
+        return cls(r.attempts, r.backoff_s, r.max_backoff_s, r.deadline_s)
+
+    def backoff(self, after_round: int, rng: random.Random) -> float:
+        """Exponential, with "equal jitter": half of it fixed, half random, so replicas spread out."""
+        full: float = min(self.max_backoff_s, self.backoff_s * 2.0**after_round)
+        return full / 2 + rng.uniform(0, full / 2)
 
 
 class FailoverLayer:
-    """Walks ``ctx.deployments`` in order; a retryable failure moves on to the next one."""
+    """Sets ``ctx.deployment`` for each try; answers the first success or one error naming every backend tried."""
 
-    def __init__(self, next_handler: Handler) -> None:
+    def __init__(self, next_handler: Handler, policy: RetryPolicy, latency: LatencyTracker, clock: Clock, metrics: Metrics, providers: list[str], rng: random.Random | None = None) -> None:
         self._next = next_handler
+        self._policy = policy
+        self._latency = latency
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._retries = {p: metrics.retries.labels(p) for p in providers}
+        self._failovers = {p: metrics.failovers.labels(p) for p in providers}
+
+    def _order(self, ctx: RequestContext) -> list[Deployment]:
+        return self._latency.order(ctx.deployments) if ctx.strategy == "latency" else list(ctx.deployments)
 
     async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
-        failures: list[UpstreamError] = []
-        for deployment in ctx.deployments:
-            ctx.deployment = deployment
-            try:
-                return await self._next(request, ctx)
-            except UpstreamError as exc:
-                if not exc.retryable:
-                    raise
-                failures.append(exc)
-                ctx.tried.append(f"{deployment}: {exc.message}")
-        raise exhausted(failures, ctx)
+        policy = self._policy
+        deadline = self._clock.now() + policy.deadline_s
+        last: dict[Deployment, UpstreamError] = {}
+        calls: dict[Deployment, int] = {}
+        for round_ in range(policy.attempts):
+            # a provider that rejected our key will not accept it a second later
+            order = [d for d in self._order(ctx) if not isinstance(last.get(d), UpstreamAuthError)]
+            called = False
+            for i, deployment in enumerate(order):
+                remaining = deadline - self._clock.now()
+                if remaining <= 0:
+                    raise self._exhausted(ctx, last, calls, deadline_hit=True)
+                ctx.deployment = deployment
+                started = time.perf_counter()
+                limit = asyncio.timeout(remaining)
+                try:
+                    async with limit:
+                        result = await self._next(request, ctx)
+                except TimeoutError:
+                    if not limit.expired():
+                        raise
+                    raise self._exhausted(ctx, last, calls, deadline_hit=True) from None
+                except UpstreamError as exc:
+                    if not exc.retryable:
+                        raise
+                    last[deployment] = exc
+                    ctx.tried.append(f"{deployment}: {exc.message}")
+                    if isinstance(exc, BackendUnavailableError):
+                        continue
+                    called = True
+                    self._count_call(deployment, calls)
+                    if isinstance(exc, UpstreamTimeoutError):
+                        self._latency.observe(deployment, time.perf_counter() - started)
+                    if i + 1 < len(order):
+                        self._failovers[deployment.provider].inc()
+                    continue
+                self._count_call(deployment, calls)
+                self._latency.observe(deployment, time.perf_counter() - started)
+                return result
+            if not called or round_ + 1 >= policy.attempts or not order:
+                break
+            wait = policy.backoff(round_, self._rng)
+            # every deployment asked to wait: the earliest of them is the soonest a retry can help
+            wait = max(wait, min(last[d].retry_after or 0.0 for d in order))
+            if self._clock.now() + wait >= deadline:
+                break
+            await self._clock.sleep(wait)
+        raise self._exhausted(ctx, last, calls)
+
+    def _count_call(self, deployment: Deployment, calls: dict[Deployment, int]) -> None:
+        calls[deployment] = calls.get(deployment, 0) + 1
+        if calls[deployment] > 1:
+            self._retries[deployment.provider].inc()
+
+    def _exhausted(self, ctx: RequestContext, last: dict[Deployment, UpstreamError], calls: dict[Deployment, int], deadline_hit: bool = False) -> GatewayError:
+        return exhausted(ctx.route, ctx.deployments, last, calls, self._policy.deadline_s if deadline_hit else None)
 
 
-def exhausted(failures: list[UpstreamError], ctx: RequestContext) -> GatewayError:
-    """The error for a request no deployment could answer, naming each one tried and why."""
-    detail = "; ".join(ctx.tried) or "no deployment to try"
-    message = f"All backends for '{ctx.route}' failed: {detail}"
-    if failures and all(isinstance(f, UpstreamTimeoutError) for f in failures):
+def exhausted(route: str, deployments: list[Deployment], last: dict[Deployment, UpstreamError], calls: dict[Deployment, int], deadline_s: float | None = None) -> GatewayError:
+    """The error for a request no deployment answered, naming each backend tried and why.
+
+    429 when every one is rate limited (its budget spent or it answered 429), 503 when every one
+    was skipped uncalled (circuits open, queues full), 504 when the calls made all timed out or the
+    deadline passed, else 502. 429 and 503 carry ``Retry-After``: the earliest one frees up.
+    """
+    parts = []
+    for d in dict.fromkeys(deployments):
+        if d in last:
+            n = calls.get(d, 0)
+            parts.append(f"{d}{f' ({n} calls)' if n > 1 else ''}: {last[d].message}")
+    detail = "; ".join(parts) or "no deployment was tried"
+    message = f"No backend could answer for '{route}': {detail}"
+    if deadline_s is not None:
+        return UpstreamTimeoutError(f"{message}; the request deadline of {deadline_s:g} s passed")
+    errors = list(last.values())
+    waits = [e.retry_after for e in errors if e.retry_after is not None]
+    retry_after = min(waits) if waits else 1.0
+    if errors and all(isinstance(e, (BackendRateLimitedError, UpstreamRateLimitError)) for e in errors):
+        return RateLimitError(message, retry_after=retry_after, code="backends_rate_limited")
+    if errors and all(isinstance(e, (BackendUnavailableError, UpstreamRateLimitError)) for e in errors):
+        return ServiceUnavailableError(message, retry_after=retry_after, code="backends_unavailable")
+    made = [e for e in errors if not isinstance(e, BackendUnavailableError)]
+    if made and all(isinstance(e, UpstreamTimeoutError) for e in made):
         return UpstreamTimeoutError(message)
-    return UpstreamError(message)
+    return UpstreamError(message, code="backends_failed")

@@ -66,7 +66,7 @@ class ModelRouter:
     def choose_auto(self, request: ChatRequest, agent: str) -> str | None:
         if self._rules:
             text = request.prompt_text()
-            has_tools = bool(request.body.get("tools"))
+            has_tools = bool(request.body.get("tools") or request.body.get("functions"))
             for rule in self._rules:
                 if rule.matches(text, has_tools, agent):
                     return rule.model

@@ -40,6 +40,9 @@ class OpenAICompatibleProvider:
         self._config = config
         self._url = (config.base_url or "").rstrip("/") + "/chat/completions"
         self._secret = config.api_key.get_secret_value() if config.api_key else ""
+        # a provider may take its key in a header of its own (x-api-key): a provider that echoes
+        # credentials back in an error must not get them into our errors and logs
+        self._secrets = [v for v in (self._secret, *config.headers.values()) if len(v) >= 8]
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeout_s,
@@ -69,7 +72,9 @@ class OpenAICompatibleProvider:
             self._session = None
 
     def _clean(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _session_or_fail(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -81,10 +86,11 @@ class OpenAICompatibleProvider:
         detail = ""
         try:
             err = orjson.loads(raw).get("error")
-            detail = err.get("message", "") if isinstance(err, dict) else str(err or "")
+            detail = str(err.get("message") or "") if isinstance(err, dict) else str(err or "")
         except (orjson.JSONDecodeError, AttributeError):
-            detail = raw[:200].decode("utf-8", "replace")
-        detail = self._clean(detail)
+            detail = raw.decode("utf-8", "replace")
+        # cleaned whole, then cut: a cut through a key would leave a piece the cleaning misses
+        detail = self._clean(detail)[:500]
         message = f"{self.name} answered {resp.status}" + (f": {detail}" if detail else "")
         status = resp.status
         if status == 429:
@@ -147,7 +153,7 @@ class OpenAICompatibleProvider:
                         raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
                     if "error" in chunk:
                         err = chunk["error"]
-                        detail = err.get("message", "") if isinstance(err, dict) else str(err)
+                        detail = str(err.get("message") or "") if isinstance(err, dict) else str(err)
                         raise UpstreamError(f"{self.name} failed mid-stream: {self._clean(detail)}", backend=self.name)
                     if any(c.get("finish_reason") for c in chunk.get("choices") or () if isinstance(c, dict)):
                         finished = True

@@ -6,6 +6,10 @@ from importlib import resources
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 def alembic_config(url: str) -> Config:
@@ -18,3 +22,25 @@ def alembic_config(url: str) -> Config:
 def upgrade_to_head(url: str) -> None:
     """Blocking: call it from a thread when an event loop is running."""
     command.upgrade(alembic_config(url), "head")
+
+
+def known_revisions(url: str) -> tuple[str | None, frozenset[str]]:
+    """The head revision and every revision this gateway's migrations know."""
+    script = ScriptDirectory.from_config(alembic_config(url))
+    return script.get_current_head(), frozenset(r.revision for r in script.walk_revisions())
+
+
+async def schema_problem(engine: AsyncEngine, head: str | None, known: frozenset[str]) -> str | None:
+    """None when the database is at ``head``, else what is wrong and what to do about it."""
+
+    def current(conn: Connection) -> str | None:
+        return MigrationContext.configure(conn).get_current_revision()
+
+    async with engine.connect() as conn:
+        revision = await conn.run_sync(current)
+    if revision == head:
+        return None
+    if revision is not None and revision not in known:
+        return f"database schema at revision {revision} is newer than this gateway knows (head {head}): upgrade the gateway"
+    found = f"at revision {revision}" if revision else "not initialised"
+    return f"database schema {found}, expected {head}: run admiral-optimizer migrate"

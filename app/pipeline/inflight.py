@@ -1,0 +1,238 @@
+"""Single flight: identical requests in progress share one upstream call.
+
+The first request for a key starts a :class:`Flight`, whose upstream call runs in a task the
+flight owns (not the leader's request task), so a leader whose client leaves does not cancel the
+call while others still wait; the last waiter to leave does. Every waiter holds a :class:`Ticket`
+and gets the same body, the same chunks (a late joiner first gets those already sent, then the
+rest live) or the same error.
+
+:class:`InflightCoordinator` is the seam for a cross-replica coordinator (a Redis lock plus a
+Redis Stream of chunks); :class:`LocalInflight` is the in-process one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from app.errors import UpstreamBadResponseError, UpstreamError
+from app.pipeline.base import ChatResult, RequestContext
+
+#: runs the shared upstream call with the leader's context
+SharedCall = Callable[[RequestContext], Awaitable[ChatResult]]
+
+
+class Ticket(Protocol):
+    """One waiter's place in a shared call."""
+
+    leader: bool
+
+    @property
+    def followers(self) -> int:
+        """How many joined after the leader (so far)."""
+        ...
+
+    @property
+    def context(self) -> RequestContext:
+        """The context the shared call ran with: backend, deployment, usage."""
+        ...
+
+    async def result(self) -> ChatResult:
+        """The body, or a stream once its first chunk is there; raises the call's error.
+
+        A returned stream must be read to its end or closed (``aclose``) to release the place.
+        """
+        ...
+
+    def leave(self) -> None:
+        """Give up the place (idempotent); the call is cancelled when nobody is left."""
+        ...
+
+
+class InflightCoordinator(Protocol):
+    """Where identical in-flight requests find each other."""
+
+    async def join(self, key: str, ctx: RequestContext, call: SharedCall) -> Ticket:
+        """Follow the flight for ``key``, or lead a new one that runs ``call(ctx)``."""
+        ...
+
+    def __len__(self) -> int:
+        """Flights in progress."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Flight:
+    """One shared upstream call and everything it has produced so far."""
+
+    def __init__(self, key: str, ctx: RequestContext, forget: Callable[[Flight], None]) -> None:
+        self.key = key
+        self.ctx = ctx
+        self.body: dict[str, Any] | None = None
+        self.chunks: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.done = False
+        self.waiters = 0
+        self.followers = 0
+        self._forget = forget
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, call: SharedCall) -> None:
+        self.task = asyncio.create_task(self._run(call), name=f"flight-{self.key[:12]}")
+
+    async def _run(self, call: SharedCall) -> None:
+        try:
+            result = await call(self.ctx)
+            if result.body is not None:
+                self.body = result.body
+            else:
+                assert result.chunks is not None
+                chunks = result.chunks
+                try:
+                    async for chunk in chunks:
+                        self.chunks.append(chunk)
+                        self._notify()
+                finally:
+                    close = getattr(chunks, "aclose", None)
+                    if close is not None:
+                        await close()
+        except asyncio.CancelledError:
+            self.error = UpstreamError("The shared upstream call was cancelled.")
+            raise
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done = True
+            self._notify()
+            # waiters woken just now run first (and store the answer in the cache) before the key is
+            # free again, so a request arriving in between joins this flight rather than a new one
+            asyncio.get_running_loop().call_soon(self._forget, self)
+
+    def _notify(self) -> None:
+        # one event per change: waiters that looked before the change wake, later ones look again
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def release(self) -> None:
+        self.waiters -= 1
+        if self.waiters == 0 and not self.done and self.task is not None:
+            # nobody wants the answer any more: stop paying for it, and let new requests start afresh
+            self._forget(self)
+            self.task.cancel()
+
+
+class LocalTicket:
+    """A waiter's place in an in-process :class:`Flight`."""
+
+    def __init__(self, flight: Flight, leader: bool) -> None:
+        self.leader = leader
+        self._flight = flight
+        self._left = False
+        flight.waiters += 1
+        if not leader:
+            flight.followers += 1
+
+    @property
+    def followers(self) -> int:
+        return self._flight.followers
+
+    @property
+    def context(self) -> RequestContext:
+        return self._flight.ctx
+
+    async def result(self) -> ChatResult:
+        flight = self._flight
+        try:
+            while flight.body is None and not flight.chunks and not flight.done:
+                await flight.changed()
+        except BaseException:
+            self.leave()
+            raise
+        if flight.body is not None:
+            self.leave()
+            return ChatResult(body=flight.body)
+        if flight.chunks:
+            return ChatResult(chunks=SharedStream(self, flight))
+        self.leave()
+        raise flight.error or UpstreamBadResponseError("The shared upstream call ended without an answer.")
+
+    def leave(self) -> None:
+        if not self._left:
+            self._left = True
+            self._flight.release()
+
+
+class SharedStream:
+    """The flight's chunks from the first, then live; releases the ticket at the end or on close."""
+
+    def __init__(self, ticket: LocalTicket, flight: Flight) -> None:
+        self._ticket = ticket
+        self._flight = flight
+        self._next = 0
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        flight = self._flight
+        while self._next >= len(flight.chunks):
+            if flight.done:
+                self._ticket.leave()
+                if flight.error is not None:
+                    raise flight.error
+                raise StopAsyncIteration
+            try:
+                await flight.changed()
+            except BaseException:
+                self._ticket.leave()
+                raise
+        chunk = flight.chunks[self._next]
+        self._next += 1
+        return chunk
+
+    async def aclose(self) -> None:
+        self._ticket.leave()
+
+
+class LocalInflight:
+    """The in-process registry of flights, one per key; an entry lives only while its call runs."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+        # the loop keeps only weak references to tasks: a cancelled flight must still finish closing
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    async def join(self, key: str, ctx: RequestContext, call: SharedCall) -> Ticket:
+        flight = self._flights.get(key)
+        if flight is not None:
+            return LocalTicket(flight, leader=False)
+        flight = Flight(key, ctx, self._forget)
+        self._flights[key] = flight
+        ticket = LocalTicket(flight, leader=True)
+        flight.start(call)
+        assert flight.task is not None
+        self._tasks.add(flight.task)
+        flight.task.add_done_callback(self._tasks.discard)
+        return ticket
+
+    def _forget(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

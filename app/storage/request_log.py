@@ -1,0 +1,225 @@
+"""The request log writer: rows queue up in memory and reach the database in batches, off the request path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import String, Table, delete, insert, select
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.metrics import Metrics
+from app.storage.models import RequestLog
+
+log = logging.getLogger("admiral.request_log")
+
+TABLE = cast(Table, RequestLog.__table__)
+#: String columns and their lengths: values are cut to fit so one odd row never poisons a batch
+_LENGTHS = {c.name: c.type.length for c in TABLE.columns if isinstance(c.type, String) and c.type.length}
+
+
+def _fit(row: dict[str, Any]) -> dict[str, Any]:
+    for name, length in _LENGTHS.items():
+        value = row.get(name)
+        if isinstance(value, str) and len(value) > length:
+            row[name] = value[:length]
+    return row
+
+
+class RequestLogWriter:
+    """Implements the recorder's ``LogSink``: ``submit`` never waits; a background task inserts in batches.
+
+    Rows live in a bounded queue (``queue_size``); a full queue drops the row and counts it in
+    ``admiral_request_log_dropped_total``. A batch the database refuses is kept and retried with
+    backoff, so an outage loses rows only once the queue overflows. ``close`` flushes what is left.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: Metrics,
+        *,
+        queue_size: int = 10000,
+        batch_size: int = 500,
+        retention_days: int | None = 30,
+        flush_interval_s: float = 0.5,
+        prune_interval_s: float = 3600.0,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        drop_log_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._retention_days = retention_days
+        self._flush_interval_s = flush_interval_s
+        self._prune_interval_s = prune_interval_s
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._drop_log_interval_s = drop_log_interval_s
+        self._clock = clock
+        self._batch: list[dict[str, Any]] = []  # taken off the queue, not yet written
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dropped_since_log = 0
+        self._last_drop_log = float("-inf")
+        self.written = 0
+        self.failures = 0
+
+    # -- the request side -------------------------------------------------------------------
+
+    def submit(self, row: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self._dropped(1)
+            return
+        if self._queue.qsize() >= self._batch_size:
+            self._wake.set()
+
+    def _dropped(self, count: int) -> None:
+        self._metrics.log_dropped.inc(count)
+        self._dropped_since_log += count
+        now = self._clock()
+        if now - self._last_drop_log >= self._drop_log_interval_s:
+            log.warning("request log queue full: dropped %d row(s) (the database is slow or down)", self._dropped_since_log)
+            self._last_drop_log = now
+            self._dropped_since_log = 0
+
+    @property
+    def pending(self) -> int:
+        """Rows accepted but not yet in the database."""
+        return self._queue.qsize() + len(self._batch)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._run(), name="request-log-writer"))
+        if self._retention_days:
+            self._tasks.append(asyncio.create_task(self._prune_loop(), name="request-log-retention"))
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is left, then stop; gives up (and says how many rows) after ``timeout_s``."""
+        self._closing = True
+        self._wake.set()
+        self._stop.set()
+        deadline = self._clock() + timeout_s
+        if self._tasks:
+            # the writer finishes its current insert rather than being cancelled halfway through it
+            await asyncio.wait(self._tasks[:1], timeout=timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        before = self.written
+        while self.pending:
+            self._fill()
+            if await self._write(self._batch):
+                self._batch = []
+            elif self._clock() >= deadline:
+                log.error("request log: database unreachable at shutdown; %d row(s) not written", self.pending)
+                return
+            else:
+                await asyncio.sleep(min(self._backoff_s, max(0.0, deadline - self._clock())))
+        if self.written > before:
+            log.info("request log: wrote %d queued row(s) at shutdown", self.written - before)
+
+    # -- the background side ----------------------------------------------------------------
+
+    def _fill(self) -> None:
+        while len(self._batch) < self._batch_size and not self._queue.empty():
+            self._batch.append(self._queue.get_nowait())
+
+    async def _run(self) -> None:
+        backoff = self._backoff_s
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
+            self._wake.clear()
+            while not self._closing:
+                self._fill()
+                if not self._batch:
+                    break
+                if not await self._write(self._batch):
+                    # keep the batch; new rows wait in the queue (and overflow is counted) meanwhile
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), backoff)
+                    backoff = min(backoff * 2, self._max_backoff_s)
+                    break
+                self._batch = []
+                backoff = self._backoff_s
+                if self._queue.qsize() < self._batch_size:
+                    break
+
+    async def _write(self, rows: list[dict[str, Any]]) -> bool:
+        """Insert ``rows``; False (rows kept) when the database failed, True when done with them."""
+        if not rows:
+            return True
+        try:
+            try:
+                await self._insert([_fit(r) for r in rows])
+                self.written += len(rows)
+            except (DataError, IntegrityError):
+                # one bad row must not hold the rest hostage: write them one by one, drop the bad ones
+                await self._insert_one_by_one(rows)
+        except Exception as exc:
+            self.failures += 1
+            log.warning("request log: writing %d row(s) failed, will retry: %s", len(rows), _short(exc))
+            return False
+        return True
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(insert(TABLE), rows)
+
+    async def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        """Takes each row out of ``rows`` once written or refused; an outage leaves the rest there."""
+        while rows:
+            try:
+                await self._insert(rows[:1])
+                self.written += 1
+            except (DataError, IntegrityError) as exc:
+                self._metrics.log_dropped.inc()
+                log.error("request log: dropping a row the database refuses (request %s): %s", rows[0].get("request_id"), _short(exc))
+            rows.pop(0)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            try:
+                deleted = await self.prune()
+                if deleted:
+                    log.info("request log: pruned %d row(s) older than %d days", deleted, self._retention_days)
+            except Exception as exc:
+                log.warning("request log: pruning failed: %s", _short(exc))
+            await asyncio.sleep(self._prune_interval_s)
+
+    async def prune(self, now: datetime | None = None, chunk: int = 10000) -> int:
+        """Delete rows older than ``retention_days``, a chunk at a time so no lock is held long."""
+        if not self._retention_days:
+            return 0
+        cutoff = (now or datetime.now(UTC)) - timedelta(days=self._retention_days)
+        total = 0
+        while True:
+            ids = select(TABLE.c.id).where(TABLE.c.ts < cutoff).limit(chunk).scalar_subquery()
+            async with self._engine.begin() as conn:
+                result = await conn.execute(delete(TABLE).where(TABLE.c.id.in_(ids)))
+            total += result.rowcount or 0
+            if (result.rowcount or 0) < chunk:
+                return total
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]

@@ -1,0 +1,226 @@
+"""The exact response cache: a byte-bounded in-process LRU in front of a persistent tier.
+
+Reads try memory first, then the persistent tier (loading what it finds into memory). Writes go
+to memory at once and to the persistent tier from a background task, so a request never waits
+for the database; the queue of pending writes is bounded and coalesces writes of the same key.
+A periodic sweep drops expired entries and keeps the persistent tier under its size limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.clock import Clock
+from app.config import CacheConfig
+from app.storage.cache_tiers import CacheTier, CacheWrite, SqlCacheTier
+
+log = logging.getLogger("admiral.cache")
+
+#: pending persistent writes kept at most (bytes); beyond it a write is dropped, memory still has it
+MAX_PENDING_BYTES = 32 * 1024 * 1024
+#: entries per persistent write (one transaction)
+WRITE_BATCH = 256
+#: the writer waits this long after the first pending entry, so writes go in batches
+WRITE_DELAY_S = 0.05
+_WARN_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """A complete ``chat.completion`` and the backend that produced it."""
+
+    body: dict[str, Any]
+    backend: str
+    deployment: str | None
+    expires_at: float
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"expires_at": self.expires_at, "backend": self.backend, "deployment": self.deployment, "body": self.body})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> CachedAnswer | None:
+        try:
+            data = orjson.loads(raw)
+            return cls(body=data["body"], backend=data.get("backend") or "", deployment=data.get("deployment"), expires_at=float(data["expires_at"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+def _live(raw: bytes, now: float) -> CachedAnswer | None:
+    answer = CachedAnswer.decode(raw)
+    return answer if answer is not None and answer.expires_at > now else None
+
+
+class MemoryLRU:
+    """Encoded entries by key; the least recently used go first once over ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str, now: float) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[1] <= now:
+            self.discard(key)
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, data: bytes, expires_at: float) -> None:
+        self.discard(key)
+        if len(data) > self.max_bytes:
+            return
+        self._items[key] = (data, expires_at)
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            _, (old, _) = self._items.popitem(last=False)
+            self.bytes -= len(old)
+
+    def discard(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.bytes -= len(item[0])
+
+    def sweep(self, now: float) -> int:
+        expired = [k for k, (_, expires_at) in self._items.items() if expires_at <= now]
+        for key in expired:
+            self.discard(key)
+        return len(expired)
+
+
+class ResponseCache:
+    """Memory in front of a :class:`CacheTier`; ``clock`` is public so tests can move time."""
+
+    def __init__(self, tier: CacheTier, *, ttl_s: float, memory_max_bytes: int, max_entry_bytes: int, sweep_interval_s: float, clock: Clock | None = None) -> None:
+        self.tier = tier
+        self.clock = clock or Clock()
+        self.ttl_s = ttl_s
+        self.max_entry_bytes = max_entry_bytes
+        self.sweep_interval_s = sweep_interval_s
+        self.memory = MemoryLRU(memory_max_bytes)
+        self.dropped_writes = 0
+        self._pending: dict[str, CacheWrite] = {}
+        self._pending_bytes = 0
+        self._wake = asyncio.Event()
+        self._drain_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_warning = float("-inf")
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, engine: AsyncEngine, clock: Clock | None = None) -> ResponseCache:
+        tier = SqlCacheTier(engine, max_total_bytes=config.max_total_bytes)
+        return cls(tier, ttl_s=config.ttl_s, memory_max_bytes=config.memory_max_bytes, max_entry_bytes=config.max_entry_bytes, sweep_interval_s=config.sweep_interval_s, clock=clock)
+
+    def start(self) -> None:
+        """Start the background writer and the periodic sweep (needs a running loop)."""
+        self._tasks = [asyncio.create_task(self._write_loop(), name="cache-writer"), asyncio.create_task(self._sweep_loop(), name="cache-sweep")]
+
+    async def aclose(self) -> None:
+        """Finish pending writes (bounded wait), then stop the background tasks."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.tier.aclose()
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        now = self.clock.now()
+        raw = self.memory.get(key, now)
+        if raw is not None:
+            return _live(raw, now)
+        pending = self._pending.get(key)
+        if pending is not None:
+            return _live(pending.body, now)
+        try:
+            raw = await self.tier.get(key, now)
+        except Exception as exc:
+            self._warn("cache read failed, answering as a miss", exc)
+            raw = None
+        if raw is None:
+            # an identical request may have finished and stored its answer while this one read
+            raw = self.memory.get(key, now)
+            return _live(raw, now) if raw is not None else None
+        answer = _live(raw, now)
+        if answer is not None:
+            self.memory.put(key, raw, answer.expires_at)
+        return answer
+
+    def put(self, key: str, namespace: str, body: dict[str, Any], backend: str, deployment: str | None) -> bool:
+        """Store a complete answer: in memory now, persistently soon. False when it is too big."""
+        now = self.clock.now()
+        expires_at = now + self.ttl_s
+        data = CachedAnswer(body, backend, deployment, expires_at).encode()
+        if len(data) > self.max_entry_bytes:
+            return False
+        self.memory.put(key, data, expires_at)
+        previous = self._pending.pop(key, None)
+        if previous is not None:
+            self._pending_bytes -= len(previous.body)
+        if self._pending_bytes + len(data) > MAX_PENDING_BYTES:
+            self.dropped_writes += 1
+            log.debug("cache write queue full; entry kept in memory only")
+            return True
+        self._pending[key] = CacheWrite(key, namespace, data, now, expires_at)
+        self._pending_bytes += len(data)
+        self._wake.set()
+        return True
+
+    async def flush(self) -> None:
+        """Write everything pending to the persistent tier now."""
+        async with self._drain_lock:
+            while self._pending:
+                batch = [self._pending.pop(key) for key in list(itertools.islice(self._pending, WRITE_BATCH))]
+                self._pending_bytes -= sum(len(e.body) for e in batch)
+                try:
+                    await self.tier.put(batch)
+                except Exception as exc:
+                    self._warn("cache write failed; the entries stay in memory only", exc)
+
+    async def sweep(self) -> int:
+        """Drop expired entries from both tiers and trim the persistent one to its size limit."""
+        now = self.clock.now()
+        removed = self.memory.sweep(now)
+        try:
+            removed += await self.tier.sweep(now)
+        except Exception as exc:
+            self._warn("cache sweep failed", exc)
+        return removed
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(WRITE_DELAY_S)
+            self._wake.clear()
+            await self.flush()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            await self.sweep()
+
+    def _warn(self, message: str, exc: Exception) -> None:
+        # a database outage must not turn into one log line per request
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_S:
+            self._last_warning = now
+            log.warning("%s: %s: %s", message, type(exc).__name__, exc)

@@ -1,0 +1,130 @@
+"""A tiny random-weight Llama model directory, built locally for tests and demos.
+
+Model weights cannot be downloaded on the machines this project runs on, so the vLLM tests and
+the CPU demo use a model built here: a byte-level BPE tokenizer trained on a few sentences, a
+2-layer Llama with random weights (seeded, so every build is identical) and a simple chat
+template. Its answers are gibberish, but it exercises the real engine end to end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+#: the CPU attention kernels reject head_dim 16; hidden 128 with 2 heads gives head_dim 64
+HIDDEN_SIZE = 128
+NUM_HEADS = 2
+NUM_LAYERS = 2
+INTERMEDIATE_SIZE = 256
+VOCAB_SIZE = 512
+MAX_POSITIONS = 2048
+SEED = 1234
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_CORPUS = [
+    "The admiral reviewed the fleet at dawn and ordered every ship to hold its course.",
+    "A gateway answers requests from many agents and sends each one to the right model.",
+    "Caching identical prompts saves tokens, time and money for the whole fleet.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
+    "Python is a programming language; def main(): return 0 is a tiny function.",
+    "Hello! How are you today? I am fine, thank you, and how is the weather there?",
+    "Numbers like 0 1 2 3 4 5 6 7 8 9 10 100 1000 appear in every log file.",
+    "Continuous batching lets one engine serve many requests at the same time.",
+    "Write a short poem about the sea, the wind, the stars and the long night watch.",
+    "Summarize the report: latency went down, throughput went up, errors stayed flat.",
+]
+
+
+def _train_tokenizer(vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_model(path: str | Path) -> Path:
+    """Write a tiny Llama model (config, safetensors weights, tokenizer, chat template) to ``path``."""
+    # typed as Any: neither library ships complete annotations
+    torch: Any = importlib.import_module("torch")
+    transformers: Any = importlib.import_module("transformers")
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(VOCAB_SIZE),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        model_max_length=MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    _make_tokenizer_config_portable(out)
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=INTERMEDIATE_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config.dtype = "float32"
+    # fork_rng keeps the caller's global torch RNG untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    _write_generation_config(out, tokenizer)
+    return out
+
+
+def _make_tokenizer_config_portable(out: Path) -> None:
+    # transformers 5 writes its own class name and a separate chat_template.jinja; older
+    # releases (a GPU vLLM may pin one) read only the classic keys of tokenizer_config.json
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["additional_special_tokens"] = list(ROLE_TOKENS)
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_generation_config(out: Path, tokenizer: Any) -> None:
+    # vLLM reads default sampling values from here; keep them neutral
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}, indent=2) + "\n"
+    )

@@ -1,0 +1,135 @@
+"""The targets from issue 8, the ratios of one run against them, and the results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio of two figures of the same run and the bound it must meet."""
+
+    name: str
+    numerator: str
+    denominator: str
+    bound: float
+    at_least: bool
+
+    def ratio(self, figures: dict[str, float]) -> float | None:
+        if self.numerator not in figures or not figures.get(self.denominator):
+            return None
+        return figures[self.numerator] / figures[self.denominator]
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.at_least else value <= self.bound
+
+    def says(self) -> str:
+        return f"{'>=' if self.at_least else '<='} {self.bound:g}"
+
+
+TARGETS = (
+    Target("cache misses: gateway / passthrough throughput", "gateway_rps", "passthrough_rps", 0.65, True),
+    Target("c=1 p50: gateway / passthrough latency", "gateway_c1_p50_ms", "passthrough_c1_p50_ms", 1.5, False),
+    Target("cache hits: gateway hits / constant throughput", "gateway_hits_rps", "constant_rps", 0.8, True),
+    # RSS growth is last / first - 1 < 10 %, i.e. last / first < 1.10
+    Target("RSS: after last mark / after first mark", "rss_last_mb", "rss_first_mb", 1.10, False),
+)
+
+INFO = (
+    ("stream TTFB: gateway / direct", "ttfb_gateway_ms", "ttfb_direct_ms"),
+    ("workers: 2 / 1 throughput", "gateway_2w_rps", "gateway_1w_rps"),
+)
+
+
+def ratios(figures: dict[str, float]) -> list[dict[str, Any]]:
+    """Every target and informational ratio that this run's figures allow."""
+    out: list[dict[str, Any]] = []
+    for t in TARGETS:
+        value = t.ratio(figures)
+        if value is not None:
+            out.append({"name": t.name, "ratio": round(value, 3), "target": t.says(), "met": t.met(value)})
+    for name, num, den in INFO:
+        if num in figures and figures.get(den):
+            out.append({"name": name, "ratio": round(figures[num] / figures[den], 3), "target": None, "met": None})
+    return out
+
+
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    print("\nratios", flush=True)
+    for row in rows:
+        verdict = "" if row["met"] is None else ("  PASS" if row["met"] else "  FAIL")
+        target = f"(target {row['target']})" if row["target"] else ""
+        print(f"  {row['name']:<52} {row['ratio']:>10.3f} {target}{verdict}")
+
+
+def _version(cmd: list[str], pick: Callable[[str], str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        return pick(done.stdout + done.stderr)
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def machine(cpu_plan: str) -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "unknown"),
+        "python": platform.python_version(),
+        "nginx": _version(["nginx", "-v"], lambda s: s.strip().split("/")[-1]),
+        "wrk": _version(["wrk", "-v"], lambda s: s.split()[1]),
+        "pinning": cpu_plan,
+    }
+
+
+def write(path: Path, settings: dict[str, Any], info: dict[str, Any], figures: dict[str, float], rows: list[dict[str, Any]], warnings: list[str]) -> None:
+    """``path`` as JSON, and the same figures as Markdown beside it (``.md``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "settings": settings, "figures": figures, "ratios": rows, "warnings": warnings}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(info, figures, rows, warnings))
+
+
+LABELS = {
+    "wrk_ceiling_rps": ("wrk straight to nginx (load generator ceiling)", "req/s"),
+    "passthrough_rps": ("passthrough, cache-miss workload, c=50", "req/s"),
+    "gateway_rps": ("gateway, cache misses, c=50", "req/s"),
+    "passthrough_c1_p50_ms": ("passthrough, c=1 p50", "ms"),
+    "gateway_c1_p50_ms": ("gateway, c=1 p50 (misses)", "ms"),
+    "constant_rps": ("constant FastAPI endpoint, c=50", "req/s"),
+    "gateway_hits_rps": ("gateway, cache hits, c=50", "req/s"),
+    "ttfb_direct_ms": ("stream TTFB, direct to nginx (median)", "ms"),
+    "ttfb_gateway_ms": ("stream TTFB, through the gateway (median)", "ms"),
+    "gateway_1w_rps": ("gateway --workers 1, misses, unpinned", "req/s"),
+    "gateway_2w_rps": ("gateway --workers 2, misses, unpinned", "req/s"),
+    "rss_start_mb": ("gateway RSS at start", "MiB"),
+    "rss_first_mb": ("gateway RSS after the first mark", "MiB"),
+    "rss_last_mb": ("gateway RSS after the last mark", "MiB"),
+}
+
+
+def markdown(info: dict[str, Any], figures: dict[str, float], rows: list[dict[str, Any]], warnings: list[str]) -> str:
+    """The figures and ratios as Markdown tables, ready for the README."""
+    where = f"{info['cpus']} × {info['cpu_model']}, Python {info['python']}, nginx {info['nginx']}, wrk {info['wrk']}"
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {where}; {info['pinning']}.",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    for key, (label, unit) in LABELS.items():
+        if key in figures:
+            lines.append(f"| {label} | {figures[key]:,.2f} {unit} |")
+    lines += ["", "| ratio | value | target | |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        verdict = "" if row["met"] is None else ("pass" if row["met"] else "**fail**")
+        lines.append(f"| {row['name']} | {row['ratio']:.3f} | {row['target'] or ''} | {verdict} |")
+    lines += [""] + [f"> warning: {w}" for w in warnings]
+    return "\n".join(lines).rstrip() + "\n"

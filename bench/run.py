@@ -1,0 +1,108 @@
+"""Admiral Optimizer overhead benchmark: ``python bench/run.py [--quick] [--duration S]``.
+
+Starts nginx as a static upstream, then measures a FastAPI + aiohttp passthrough, a constant
+FastAPI endpoint and the gateway against it with wrk, prints every figure and the ratios against
+the targets of issue 8, and writes them to ``bench/results/latest.json``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import tools
+
+SCENARIOS = ("baselines", "gateway", "workers", "rss")
+#: share of CPU time busy with no benchmark running above which the figures are not trustworthy
+BUSY = 0.10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each run (default 2)")
+    p.add_argument("--connections", type=int, default=50, help="wrk connections for throughput runs (default 50)")
+    p.add_argument("--ttfb-requests", type=int, default=300, help="streamed requests per TTFB median (default 300)")
+    p.add_argument("--quick", action="store_true", help="RSS marks at 2k/20k requests instead of 10k/100k")
+    p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--skip-gateway", action="store_true", help="baselines only (no admiral-optimizer needed)")
+    p.add_argument("--no-install", action="store_true", help="never apt-get or pip install anything")
+    p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json", help="results file")
+    args = p.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    if args.skip_gateway:
+        args.only = [s for s in args.only if s == "baselines"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    args = parse_args(argv)
+    needs_gateway = any(s != "baselines" for s in args.only)
+    if not args.no_install:
+        tools.ensure_system_tools()
+        tools.ensure_python(install_gateway=needs_gateway)
+
+    import report
+    from procs import CpuPlan, busy_fraction, free_port
+    from scenarios import Bench
+    from upstream import nginx_server
+
+    gateway_cmd = tools.gateway_command()
+    if needs_gateway and gateway_cmd is None:
+        sys.exit("bench: admiral-optimizer is not installed (pip install -e . or use --skip-gateway)")
+
+    plan = CpuPlan.detect()
+    if plan.load is not None:
+        # this process runs the TTFB client: keep it on the load core with wrk and nginx
+        os.sched_setaffinity(0, {int(c) for c in plan.load.split(",")})
+    workdir = BENCH / "results" / "work"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    rss_marks = (2_000, 20_000) if args.quick else (10_000, 100_000)
+    print(f"bench: {plan.describe()}; {args.duration:g}s per run, c={args.connections}", flush=True)
+
+    busy_before = busy_fraction()
+    if busy_before > BUSY:
+        print(f"bench: warning: the machine is already {busy_before:.0%} busy; figures will be low and noisy")
+    upstream_port = free_port()
+    bench = Bench(args.duration, args.warmup, args.connections, args.ttfb_requests, rss_marks, plan, workdir, upstream_port, gateway_cmd)
+    with nginx_server(workdir / "nginx", upstream_port, plan.load):
+        for name in SCENARIOS:
+            if name in args.only:
+                getattr(bench, name)()
+    busy_after = busy_fraction()
+
+    bench.ceiling_check()
+    for when, busy in (("before", busy_before), ("right after", busy_after)):
+        if busy > BUSY:
+            bench.warnings.append(f"other work kept the machine {busy:.0%} busy {when} the run")
+    rows = report.ratios(bench.figures)
+    report.print_ratios(rows)
+    for warning in bench.warnings:
+        print(f"warning: {warning}")
+    settings = {
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "ttfb_requests": args.ttfb_requests,
+        "rss_marks": list(rss_marks),
+        "scenarios": args.only,
+    }
+    report.write(args.out, settings, report.machine(plan.describe()), bench.figures, rows, bench.warnings)
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} in {time.monotonic() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
