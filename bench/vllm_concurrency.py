@@ -21,10 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# bench/ holds a profile.py that would shadow the standard library's (torch imports cProfile)
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _request(i: int, max_tokens: int) -> Any:

@@ -1,6 +1,6 @@
 """Profile the gateway with py-spy under the cache-miss (or cache-hit) load of the benchmark.
 
-``python bench/profile.py [--duration 20] [--hits]`` writes ``bench/results/profile.svg`` (a flame
+``python bench/profile_gateway.py [--duration 20] [--hits]`` writes ``bench/results/profile.svg`` (a flame
 graph) and ``profile.txt`` (collapsed stacks), and prints the functions with the most samples,
 by own time and by time including callees, counting only the thread that holds the GIL (the
 work that limits a one-process asyncio server). Needs ``pip install py-spy``.
