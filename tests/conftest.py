@@ -1,8 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
 
 from tests.fake_upstream import FakeUpstream
 from tests.serve import NewDatabase, PgDatabases, pg_available
@@ -35,3 +38,20 @@ def _pg_databases() -> Iterator[PgDatabases]:
 def new_pg_database(_pg_databases: PgDatabases) -> NewDatabase:
     """Call it for the URL of a fresh, empty PostgreSQL database (dropped at the end of the session)."""
     return _pg_databases.create
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest_asyncio.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A fresh Redis key prefix per test; its keys are deleted afterwards."""
+    prefix = f"admiral-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from app.api.responses import json_response
 from app.errors import AuthenticationError, BadRequestError, PermissionDeniedError
+from app.pipeline.auth import bearer_token
 from app.storage.stats import backend_recent, request_stats
 
 router = APIRouter(prefix="/admin")
@@ -25,12 +26,7 @@ def require_admin(request: Request) -> None:
     if admin_key is None or not admin_key.get_secret_value():
         raise PermissionDeniedError("The admin API is disabled: no admin_key is configured for this gateway.", code="admin_disabled")
     authorization = request.headers.get("authorization")
-    if not authorization:
-        raise AuthenticationError("Missing admin key: send 'Authorization: Bearer <admin key>'.", code="missing_api_key")
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("Malformed Authorization header: expected 'Bearer <admin key>'.")
+    token = bearer_token(authorization, "admin key")
     if hmac.compare_digest(token.encode(), admin_key.get_secret_value().encode()):
         return
     try:

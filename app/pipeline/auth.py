@@ -13,6 +13,17 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def bearer_token(authorization: str | None, what: str) -> str:
+    """The token of ``Authorization: Bearer <token>``; 401 naming ``what`` when missing or malformed."""
+    if not authorization:
+        raise AuthenticationError(f"Missing {what}: send 'Authorization: Bearer <{what}>'.", code="missing_api_key")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError(f"Malformed Authorization header: expected 'Bearer <{what}>'.")
+    return token
+
+
 class Authenticator:
     """Maps a Bearer token to its key entry; with no keys configured every caller is anonymous."""
 
@@ -26,13 +37,7 @@ class Authenticator:
     def identify(self, authorization: str | None) -> KeyConfig | None:
         if not self._by_digest:
             return None
-        if not authorization:
-            raise AuthenticationError("Missing API key: send 'Authorization: Bearer <gateway key>'.", code="missing_api_key")
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <gateway key>'.")
-        key = self._by_digest.get(key_digest(token))
+        key = self._by_digest.get(key_digest(bearer_token(authorization, "gateway key")))
         if key is None:
             raise AuthenticationError("Incorrect API key provided.")
         return key
