@@ -23,6 +23,13 @@ def upstream2() -> Iterator[FakeUpstream]:
         yield up
 
 
+@pytest.fixture(scope="module")
+def up() -> Iterator[FakeUpstream]:
+    """One fake upstream shared by a module's tests (each resets it as it needs)."""
+    with FakeUpstream() as upstream:
+        yield upstream
+
+
 @pytest.fixture(scope="session")
 def _pg_databases() -> Iterator[PgDatabases]:
     why = pg_available()

@@ -20,12 +20,6 @@ from tests.support import GatewayServer, gateway
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def gw(up: FakeUpstream) -> Iterator[GatewayServer]:
     with gateway(config(up)) as server:
         yield server

@@ -33,12 +33,6 @@ EXAMPLES = settings(
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def gw(up: FakeUpstream) -> Iterator[GatewayServer]:
     # routing rules, so model "auto" reads the prompt text of whatever got through validation
     rules = "routing: {default: fast, rules: [{if: {contains_any: [code]}, model: demo}, {if: {min_chars: 50}, model: fast}]}"

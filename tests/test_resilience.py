@@ -6,6 +6,8 @@ real waits are the short provider timeouts that the timeout tests are about.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ import pytest
 from app.pipeline.base import Deployment
 from tests.fake_upstream import FakeUpstream
 from tests.manual_clock import ManualClock
-from tests.resilience_support import AGENT_KEY, HI, PROVIDER_KEY, client, listen, post, sample, two_upstreams, wait_until
+from tests.resilience_support import AGENT_KEY, HI, PROVIDER_KEY, EventLog, client, listen, post, sample, two_upstreams, wait_until
 from tests.support import GatewayServer, gateway
 
 UP = Deployment("up", "m1")
@@ -60,7 +62,9 @@ def test_breaker_opens_after_5_failures_and_the_backend_is_not_called_during_coo
         assert not events.named("optimizer.all_backends_down")  # up2 still serves
 
 
-def test_half_open_probe_success_closes_the_circuit(upstream: FakeUpstream, upstream2: FakeUpstream, tmp_path: Path) -> None:
+@contextmanager
+def cooled_down_circuit(upstream: FakeUpstream, upstream2: FakeUpstream, tmp_path: Path) -> Iterator[tuple[GatewayServer, EventLog]]:
+    """A gateway whose breaker for ``up`` opened on 5 failures and has just become half-open."""
     upstream.behaviour = "500"
     clock = ManualClock()
     with gateway(two_upstreams(upstream, upstream2, tmp_path), clock=clock) as gw:
@@ -69,6 +73,11 @@ def test_half_open_probe_success_closes_the_circuit(upstream: FakeUpstream, upst
             post(gw)
         clock.advance(300)
         assert gw.call(gw.services.resilience.breaker.status(UP)).state == "half_open"
+        yield gw, events
+
+
+def test_half_open_probe_success_closes_the_circuit(upstream: FakeUpstream, upstream2: FakeUpstream, tmp_path: Path) -> None:
+    with cooled_down_circuit(upstream, upstream2, tmp_path) as (gw, events):
         upstream.behaviour = "ok"
         assert post(gw).headers["x-admiral-backend"] == "up"
         assert upstream.calls == 6
@@ -82,13 +91,7 @@ def test_half_open_probe_success_closes_the_circuit(upstream: FakeUpstream, upst
 
 
 def test_half_open_probe_failure_reopens_the_circuit(upstream: FakeUpstream, upstream2: FakeUpstream, tmp_path: Path) -> None:
-    upstream.behaviour = "500"
-    clock = ManualClock()
-    with gateway(two_upstreams(upstream, upstream2, tmp_path), clock=clock) as gw:
-        events = listen(gw)
-        for _ in range(5):
-            post(gw)
-        clock.advance(300)
+    with cooled_down_circuit(upstream, upstream2, tmp_path) as (gw, events):
         assert post(gw).headers["x-admiral-backend"] == "up2"
         assert upstream.calls == 6  # the one probe
         assert post(gw).headers["x-admiral-backend"] == "up2"

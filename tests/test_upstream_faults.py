@@ -25,12 +25,6 @@ from tests.support import GatewayServer, gateway
 
 
 @pytest.fixture(scope="module")
-def up() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest.fixture(scope="module")
 def up2() -> Iterator[FakeUpstream]:
     with FakeUpstream() as upstream:
         yield upstream
