@@ -22,12 +22,13 @@ from app.metrics import Metrics
 from app.pipeline import build_pipeline
 from app.pipeline.auth import Authenticator
 from app.pipeline.base import Handler
-from app.pipeline.inflight import InflightCoordinator, LocalInflight
+from app.pipeline.inflight import InflightCoordinator, LocalInflight, build_inflight
 from app.pipeline.resilience import Resilience
 from app.pipeline.router import ModelRouter
 from app.providers import Provider, build_providers
 from app.recorder import RequestRecorder
 from app.state import StateStore, build_state_store
+from app.storage.cache_tiers import build_cache_tier
 from app.storage.db import create_engine
 from app.storage.migrate import known_revisions, schema_problem, upgrade_to_head
 from app.storage.request_log import RequestLogWriter
@@ -107,8 +108,9 @@ class Services:
         services.resilience = Resilience.build(settings, services.state, metrics, services.events, services.clock)
         services.backend_status = services.resilience.provider_status
         if settings.cache.enabled:
-            services.cache = ResponseCache.from_config(settings.cache, services.db, services.clock)
+            services.cache = ResponseCache.from_config(settings.cache, build_cache_tier(settings, services.db, services.state), services.clock)
             services.cache.start()
+        services.inflight = build_inflight(settings.state, services.state)
         services.pipeline = build_pipeline(services)
         for provider in services.providers.values():
             await provider.start()

@@ -6,8 +6,8 @@ call while others still wait; the last waiter to leave does. Every waiter holds 
 and gets the same body, the same chunks (a late joiner first gets those already sent, then the
 rest live) or the same error.
 
-:class:`InflightCoordinator` is the seam for a cross-replica coordinator (a Redis lock plus a
-Redis Stream of chunks); :class:`LocalInflight` is the in-process one.
+:class:`InflightCoordinator` is the seam; :class:`LocalInflight` is the in-process coordinator and
+:class:`~app.pipeline.inflight_redis.RedisInflight` the cross-replica one built on it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
+from app.config import StateConfig
 from app.errors import UpstreamBadResponseError, UpstreamError
 from app.pipeline.base import ChatResult, RequestContext
+from app.state import StateStore
 
 #: runs the shared upstream call with the leader's context
 SharedCall = Callable[[RequestContext], Awaitable[ChatResult]]
@@ -27,6 +29,7 @@ SharedCall = Callable[[RequestContext], Awaitable[ChatResult]]
 class Ticket(Protocol):
     """One waiter's place in a shared call."""
 
+    #: this waiter's request makes the upstream call (the others follow it, on any replica)
     leader: bool
 
     @property
@@ -236,3 +239,14 @@ class LocalInflight:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def build_inflight(config: StateConfig, state: StateStore) -> InflightCoordinator:
+    """Across replicas when the state is on Redis, in-process otherwise."""
+    if config.url.startswith("memory://"):
+        return LocalInflight()
+    from app.pipeline.inflight_redis import RedisInflight  # loaded only where Redis is configured
+    from app.state.redis import RedisStateStore
+
+    assert isinstance(state, RedisStateStore), "a Redis state.url makes Services build a RedisStateStore"
+    return RedisInflight(state)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -190,7 +190,7 @@ class RedisChannels:
     async def _publish(self, stream: str, index: int, kind: bytes, data: bytes) -> None:
         await self._io(self._append(keys=[stream], args=[self._maxlen, self._stream_ttl_ms, index, kind, data]))
 
-    async def read(self, key: str, token: str, *, idle_timeout_s: float | None = None) -> AsyncIterator[bytes]:
+    async def read(self, key: str, token: str, *, idle_timeout_s: float | None = None) -> AsyncGenerator[bytes, None]:
         """Every chunk of the flight from the first one, then live ones, until the end marker.
 
         Raises :class:`LeaderFailed` for a published error, :class:`LeaderLost` when the lease is

@@ -1,0 +1,259 @@
+"""Single flight across replicas: one upstream call per key for the whole deployment.
+
+Requests on one replica still meet in a local :class:`~app.pipeline.inflight.Flight` first; the
+flight's call then goes through Redis (:mod:`app.state.redis_channels`) and runs as one of:
+
+- *leader*: it takes the key's lease, runs the real call while keeping the lease alive, publishes
+  a head (backend, deployment, and the body of a plain answer), then each chunk of a stream, then
+  the end marker or the error, and releases the lease;
+- *follower*: another replica holds the lease; the head and the chunks are read from its stream
+  (from the first entry, then live) and handed to this replica's waiters as if the call ran here;
+- *alone*: Redis is unavailable; the call runs here, exactly as with
+  :class:`~app.pipeline.inflight.LocalInflight`, and the state store goes degraded (it logs the
+  outage, sets ``admiral_state_degraded`` and probes until Redis answers; meanwhile flights skip
+  Redis altogether).
+
+A leader's :class:`~app.errors.GatewayError` is the answer for everyone: followers raise a
+:class:`RelayedError` with its status and body, as local followers share an error (calling
+upstream again would repeat the failover the leader just ran against backends that just failed).
+Any other end of a leader (its waiters all left, its replica died, its lease lapsed, Redis failed)
+leaves its followers without an answer: a follower that has handed on nothing yet takes the lease
+itself or follows whoever did; one in the middle of a stream ends with an error, as a cut stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from app.errors import GatewayError, UpstreamError
+from app.pipeline.base import ChatResult, Deployment, RequestContext
+from app.pipeline.inflight import LocalInflight, SharedCall, Ticket
+from app.state.redis import RedisStateStore
+from app.state.redis_channels import ChannelError, ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels
+
+log = logging.getLogger("admiral.inflight")
+
+#: tries to lead or follow before calling upstream regardless (when leaders keep vanishing)
+_ROUNDS = 3
+
+
+class RelayedError(GatewayError):
+    """The leader replica's error, answered again with the same status, type, code and message."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__(str(fields["message"]), param=fields.get("param"), code=fields.get("code"), retry_after=fields.get("retry_after"))
+        self.status = int(fields["status"])
+        self.error_type = str(fields["type"])
+
+
+class RedisInflight:
+    """Single flight across every replica on the same Redis and key prefix."""
+
+    def __init__(self, store: RedisStateStore, *, lease_ttl_s: float = 10.0) -> None:
+        """``lease_ttl_s`` bounds how long followers wait for a leader whose replica died."""
+        self._store = store
+        self._ttl = lease_ttl_s
+        self._local = LocalInflight()
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    async def aclose(self) -> None:
+        await self._local.aclose()
+
+    async def join(self, key: str, ctx: RequestContext, call: SharedCall) -> Ticket:
+        leads: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        ticket = await self._local.join(key, ctx, lambda shared: self._run(key, shared, call, leads))
+        if ticket.leader:
+            try:
+                # the request that started the local flight is a follower when another replica leads
+                ticket.leader = await asyncio.shield(leads)
+            except BaseException:
+                ticket.leave()
+                raise
+        return ticket
+
+    async def _run(self, key: str, ctx: RequestContext, call: SharedCall, leads: asyncio.Future[bool]) -> ChatResult:
+        """The local flight's call: lead the key across replicas, follow the replica that does, or run alone."""
+        try:
+            for _ in range(_ROUNDS):
+                if self._store.degraded:
+                    break
+                channels = self._store.channels
+                try:
+                    token = await channels.acquire(key, self._ttl)
+                    if token is None and (holder := await channels.holder(key)) is not None:
+                        _settle(leads, False)
+                        return await self._follow(channels, key, holder, ctx)
+                except ChannelUnavailable as exc:
+                    await self._outage(exc)
+                    break
+                except ChannelError as exc:
+                    log.info("single flight %s: the leading replica gave no answer (%s); trying again", key[:12], exc)
+                    continue
+                if token is not None:
+                    _settle(leads, True)
+                    return await self._lead(channels, key, token, ctx, call)
+                # else the flight ended between the two calls: the next round leads the next one
+            _settle(leads, True)
+            return await call(ctx)
+        finally:
+            _settle(leads, True)
+
+    async def _lead(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext, call: SharedCall) -> ChatResult:
+        lease = _Lease(channels, key, token, self._ttl, self._outage)
+        try:
+            result = await call(ctx)
+            head = {"backend": ctx.backend, "deployment": str(ctx.deployment) if ctx.deployment else None}
+            if result.body is not None:
+                await lease.send({**head, "body": result.body})
+        except BaseException as exc:
+            await lease.close(exc)
+            raise
+        if result.body is not None:
+            await lease.close(None)
+            return result
+        assert result.chunks is not None
+        return ChatResult(chunks=_broadcast(head, result.chunks, lease))
+
+    async def _follow(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext) -> ChatResult:
+        """The leading replica's answer; raises :class:`ChannelError` while none of it was handed on."""
+        entries = channels.read(key, token)
+        try:
+            head = await _entry(entries)
+            ctx.backend = head["backend"]
+            ctx.deployment = Deployment.parse(head["deployment"]) if head["deployment"] else None
+            if "body" in head:
+                await entries.aclose()
+                ctx.usage = head["body"].get("usage")
+                return ChatResult(body=head["body"])
+            first = await _entry(entries)
+        except LeaderFailed as exc:
+            await entries.aclose()
+            raise _relayed(exc) or exc from None
+        except BaseException:
+            await entries.aclose()
+            raise
+        return ChatResult(chunks=_relay(first, entries, ctx))
+
+    async def _outage(self, exc: ChannelUnavailable) -> None:
+        log.warning("single flight: %s; identical requests meet on this replica only", exc)
+        # the store checks for itself: when Redis is down it turns degraded, which keeps flights off Redis
+        await self._store.ping()
+
+
+class _Lease:
+    """A leader's hold on a key, renewed while its call runs; what it sends reaches every follower."""
+
+    def __init__(self, channels: RedisChannels, key: str, token: str, ttl_s: float, on_outage: Callable[[ChannelUnavailable], Awaitable[None]]) -> None:
+        self._channels = channels
+        self._key = key
+        self._token = token
+        self._on_outage = on_outage
+        self._publisher = channels.publisher(key, token)
+        self._keeper = asyncio.create_task(channels.keep_alive(key, token, ttl_s), name=f"lease-{key[:12]}")
+        self._open = True
+
+    async def send(self, entry: dict[str, Any]) -> None:
+        """Publish one entry; when Redis fails the lease lapses (followers go elsewhere), the call goes on."""
+        if not self._open:
+            return
+        try:
+            await self._publisher.send(orjson.dumps(entry))
+        except ChannelUnavailable as exc:
+            self._open = False
+            self._keeper.cancel()
+            await self._on_outage(exc)
+
+    async def close(self, error: BaseException | None) -> None:
+        """End the stream with the end marker (or ``error``) and release the lease."""
+        if not self._open:
+            return
+        self._open = False
+        self._keeper.cancel()
+        try:
+            # an answer goes out before the lease does
+            if error is None:
+                await self._publisher.end()
+                await self._channels.release(self._key, self._token)
+            elif isinstance(error, GatewayError):
+                await self._publisher.fail(_failure(error))
+                await self._channels.release(self._key, self._token)
+            else:
+                # no answer: the key is freed first, so a follower woken by the marker can lead the next try
+                await self._channels.release(self._key, self._token)
+                await self._publisher.fail(_failure(error))
+        except ChannelUnavailable as exc:
+            await self._on_outage(exc)  # the lease lapses by itself: followers then stop waiting
+
+
+async def _broadcast(head: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], lease: _Lease) -> AsyncIterator[dict[str, Any]]:
+    """The leader's stream, each chunk published before it is handed on."""
+    error: BaseException | None = None
+    try:
+        await lease.send(head)
+        async for chunk in chunks:
+            await lease.send(chunk)
+            yield chunk
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+        await lease.close(error)
+
+
+async def _relay(first: dict[str, Any], entries: AsyncGenerator[bytes, None], ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    """The rest of the leading replica's stream; a failure now is this stream's error."""
+    try:
+        yield _noting_usage(first, ctx)
+        async for data in entries:
+            yield _noting_usage(orjson.loads(data), ctx)
+    except LeaderFailed as exc:
+        raise _relayed(exc) or UpstreamError("The shared upstream call ended on another replica without an answer.") from exc
+    except ChannelError as exc:
+        raise UpstreamError(f"The shared stream from another replica broke off: {exc}") from exc
+    finally:
+        await entries.aclose()
+
+
+async def _entry(entries: AsyncIterator[bytes]) -> Any:
+    data = await anext(entries, None)
+    if data is None:
+        raise LeaderLost("the flight ended without an answer")
+    return orjson.loads(data)
+
+
+def _noting_usage(chunk: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    if chunk.get("usage"):
+        ctx.usage = chunk["usage"]
+    return chunk
+
+
+def _failure(error: BaseException) -> str:
+    """The error marker: a gateway error in full (followers answer with it), else only that there is no answer."""
+    if isinstance(error, GatewayError):
+        fields = {"status": error.status, "type": error.error_type, "code": error.code, "param": error.param, "message": error.message, "retry_after": error.retry_after}
+        return orjson.dumps(fields).decode()
+    return orjson.dumps({"abandoned": type(error).__name__}).decode()
+
+
+def _relayed(exc: LeaderFailed) -> RelayedError | None:
+    """The leader's error to answer with, or None when it left no answer."""
+    try:
+        fields = orjson.loads(str(exc))
+    except orjson.JSONDecodeError:
+        return None
+    return RelayedError(fields) if isinstance(fields, dict) and "status" in fields else None
+
+
+def _settle(leads: asyncio.Future[bool], value: bool) -> None:
+    if not leads.done():
+        leads.set_result(value)
