@@ -43,6 +43,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.keys and not is_loopback(host):
         print(f"refusing to bind {host}: no gateway keys are configured, so anyone could call it. Add 'keys' to the config or bind 127.0.0.1.", file=sys.stderr)
         return 2
+    engines = [name for name, provider in settings.providers.items() if provider.kind == "vllm"]
+    if args.workers > 1 and engines:
+        names = ", ".join(repr(name) for name in engines)
+        print(
+            f"refusing --workers {args.workers}: provider {names} (kind: vllm) runs its engine inside the gateway process, so every worker "
+            "would load its own copy of the model and its KV cache. Run one worker (the engine batches concurrent requests itself), "
+            "or serve the model with `vllm serve` and reach it through a provider of kind 'openai'.",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     common = {"host": host, "port": port, "log_level": args.log_level, "access_log": False, "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": settings.server.shutdown_grace_s}
     # uvicorn stops gracefully on SIGTERM, then raises it again for the handler it found: with the

@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from app.errors import BadRequestError, ServiceUnavailableError
+from app.errors import BackendUnavailableError, BadRequestError
 from app.providers.base import UpstreamRequest
 from app.providers.vllm_engine import DEFAULT_MAX_TOKENS, INSTALL_HINT, VLLMEngineProvider, validate_engine_args
+from tests.vllm_support import ENGINE, MAX_MODEL_LEN
 
-MAX_MODEL_LEN = 512
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about the fleet."}]
 
 session_loop = pytest.mark.asyncio(loop_scope="session")
@@ -35,36 +35,21 @@ class LoadObservations:
     load_s: float = 0.0
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("vllm")
-    from app.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def kv_cache_env() -> Iterator[None]:
-    # read by the engine-core process when it starts: keeps the KV cache at 1 GiB
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        yield
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def observed() -> LoadObservations:
     return LoadObservations()
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def provider(tiny_model: Path, kv_cache_env: None, observed: LoadObservations) -> AsyncIterator[VLLMEngineProvider]:
-    p = VLLMEngineProvider("local", str(tiny_model), {"dtype": "float32", "max_model_len": MAX_MODEL_LEN})
+# module scope: the engine is shut down before the next module starts its own
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def provider(tiny_model: Path, observed: LoadObservations) -> AsyncIterator[VLLMEngineProvider]:
+    p = VLLMEngineProvider("local", str(tiny_model), ENGINE)
     started = time.monotonic()
     await p.start()
     observed.ready_before = p.ready()
     try:
         await p.complete(_request(max_tokens=4))
-    except ServiceUnavailableError as exc:
+    except BackendUnavailableError as exc:
         observed.error_before = exc
 
     # the loop must keep running while the engine loads in its thread
@@ -92,8 +77,8 @@ async def _collect(p: VLLMEngineProvider, request: UpstreamRequest) -> list[dict
     return [chunk async for chunk in p.stream(request)]
 
 
+@pytest.mark.vllm
 def test_validate_engine_args_names_unknown_key() -> None:
-    pytest.importorskip("vllm")
     validate_engine_args({"dtype": "float32", "max_model_len": 512, "enforce_eager": True})
     with pytest.raises(ValueError, match="max_model_length.*did you mean 'max_model_len'"):
         validate_engine_args({"max_model_length": 512})
@@ -114,10 +99,13 @@ def test_validate_engine_args_without_vllm_gives_install_command(monkeypatch: py
 @session_loop
 async def test_loads_in_background_and_refuses_before_ready(provider: VLLMEngineProvider, observed: LoadObservations) -> None:
     assert observed.ready_before is False
-    assert isinstance(observed.error_before, ServiceUnavailableError)
+    # skipped uncalled, so failover can move on to another deployment
+    assert isinstance(observed.error_before, BackendUnavailableError)
+    assert observed.error_before.status == 503
     assert "still loading" in str(observed.error_before)
     assert observed.error_before.retry_after == 5
-    assert observed.max_loop_gap_s < 1.0, f"event loop blocked {observed.max_loop_gap_s:.1f} s during a {observed.load_s:.0f} s load"
+    # a load on the loop would stall it for the whole load; a busy machine only delays it now and then
+    assert observed.max_loop_gap_s < observed.load_s / 3, f"event loop blocked {observed.max_loop_gap_s:.1f} s during a {observed.load_s:.0f} s load"
     assert provider.ready()
 
 
@@ -149,7 +137,8 @@ async def test_max_tokens_is_always_set(provider: VLLMEngineProvider) -> None:
     # max_completion_tokens wins, and a limit past the context is capped at what is left
     body = await provider.complete(_request(max_completion_tokens=5, max_tokens=50, ignore_eos=True))
     assert body["usage"]["completion_tokens"] == 5
-    body = await provider.complete(_request(max_tokens=10_000, ignore_eos=True))
+    # a limit the context holds but this prompt leaves no room for is capped at what is left
+    body = await provider.complete(_request(max_tokens=MAX_MODEL_LEN, ignore_eos=True))
     assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == MAX_MODEL_LEN
     assert body["choices"][0]["finish_reason"] == "length"
 
@@ -262,6 +251,7 @@ async def test_cancelled_complete_aborts_engine_request(provider: VLLMEngineProv
         ({"temperature": "hot"}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": -3}, "max_completion_tokens"),
+        ({"max_tokens": MAX_MODEL_LEN + 1}, "max_tokens"),
         ({"presence_penalty": 3.5}, "presence_penalty"),
         ({"n": 2, "temperature": 0}, "n"),
         ({"top_k": -5}, "top_k"),

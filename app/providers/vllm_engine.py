@@ -19,7 +19,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from app.errors import BadRequestError, ServiceUnavailableError, UpstreamError
+from app.errors import BackendUnavailableError, BadRequestError, UpstreamError
 from app.providers.base import UpstreamRequest
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class VLLMEngineProvider:
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait for the background load to finish; raise if it failed."""
         if self._load_task is None:
-            raise ServiceUnavailableError(f"vLLM engine {self.name} is not started")
+            raise BackendUnavailableError(f"vLLM engine {self.name} is not started", backend=self.name)
         await asyncio.wait_for(asyncio.shield(self._load_task), timeout)
         self._engine_or_fail()
 
@@ -207,12 +207,13 @@ class VLLMEngineProvider:
         _end_zmq_context(engine)
 
     def _engine_or_fail(self) -> Any:
+        # not loaded yet or shutting down: skipped uncalled, so failover moves on to the next deployment
         if self._closed:
-            raise ServiceUnavailableError(f"vLLM engine {self.name} is shut down")
+            raise BackendUnavailableError(f"vLLM engine {self.name} is shut down", backend=self.name)
         if self._load_error is not None:
             raise UpstreamError(f"vLLM engine {self.name} failed to load: {self._load_error}", backend=self.name)
         if self._engine is None:
-            raise ServiceUnavailableError(f"vLLM engine {self.name} is still loading", retry_after=5)
+            raise BackendUnavailableError(f"vLLM engine {self.name} is still loading", backend=self.name, retry_after=5)
         if self._engine.errored:
             raise UpstreamError(f"vLLM engine {self.name} has died", backend=self.name)
         return self._engine
@@ -247,9 +248,10 @@ class VLLMEngineProvider:
                 _check_kind(field, value, kind)
                 kwargs[field] = value
 
-        room = engine.model_config.max_model_len - prompt_len
+        context = engine.model_config.max_model_len
+        room = context - prompt_len
         if room < 1:
-            raise BadRequestError(f"the prompt is {prompt_len} tokens, which leaves no room in the model's {prompt_len + room}-token context", param="messages")
+            raise BadRequestError(f"the prompt is {prompt_len} tokens, which leaves no room in the model's {context}-token context", param="messages")
         limit_field = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
         limit = payload.get(limit_field)
         if limit is None:
@@ -258,7 +260,11 @@ class VLLMEngineProvider:
             _check_kind(limit_field, limit, "int")
             if limit < 1:
                 raise BadRequestError(f"'{limit_field}' must be at least 1, got {limit}", param=limit_field)
-            # like vLLM's own server, cap at what the context has left (finish_reason says "length")
+            # more than the whole context can never be served as asked: OpenAI answers 400 too
+            if limit > context:
+                raise BadRequestError(f"'{limit_field}' is {limit}, more than this model's whole {context}-token context", param=limit_field)
+            # one the prompt leaves too little room for is capped, like vLLM's own server does
+            # (finish_reason then says "length")
             kwargs["max_tokens"] = min(limit, room)
 
         output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
@@ -286,7 +292,7 @@ class VLLMEngineProvider:
         except VLLMClientError as exc:
             raise BadRequestError(str(exc), param=_param_of(exc, request.payload)) from None
         except GracefulHTTPError as exc:
-            raise ServiceUnavailableError(f"vLLM engine {self.name} is busy: {exc.message}", retry_after=1) from None
+            raise BackendUnavailableError(f"vLLM engine {self.name} is busy: {exc.message}", backend=self.name, retry_after=1) from None
         except EngineDeadError as exc:
             raise UpstreamError(f"vLLM engine {self.name} has died", backend=self.name) from exc
         except Exception as exc:
@@ -304,7 +310,7 @@ class VLLMEngineProvider:
         if reason in _FINISH_REASONS:
             return _FINISH_REASONS[reason]
         if reason == "abort":
-            raise ServiceUnavailableError(f"vLLM engine {self.name} aborted the request (shutting down)", retry_after=5)
+            raise BackendUnavailableError(f"vLLM engine {self.name} aborted the request (shutting down)", backend=self.name, retry_after=5)
         raise UpstreamError(f"vLLM engine {self.name} ended the request with {reason!r}", backend=self.name)
 
     # the protocol
