@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 #: 5 ms … 120 s: gateway overhead at the low end, slow LLM answers at the high end
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 class Metrics:
@@ -34,3 +39,20 @@ class Metrics:
         self.log_dropped = Counter("admiral_request_log_dropped", "Request log rows dropped because the queue was full.", registry=r)
         self.webhook_deliveries = Counter("admiral_webhook_deliveries", "Event webhook POSTs by outcome (ok, failed after retries, dropped on a full queue).", ["outcome"], registry=r)
         self.state_degraded = Gauge("admiral_state_degraded", "1 while the shared state store is unreachable.", registry=r, multiprocess_mode="max")
+
+
+class Children(Generic[M]):
+    """A labelled metric's children, each looked up once: ``labels()`` costs microseconds a call.
+
+    Only for label sets that are bounded already (the metric keeps every child it ever made).
+    """
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child

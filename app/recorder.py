@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from app.metrics import Metrics
+from app.metrics import Children, Metrics
 from app.pipeline.base import ChatRequest, RequestContext
 
 if TYPE_CHECKING:
@@ -24,8 +24,13 @@ class RequestRecorder:
 
     def __init__(self, metrics: Metrics, log_sink: LogSink | None = None, log_content: bool = False) -> None:
         self._metrics = metrics
+        self._requests = Children(metrics.requests)
+        self._upstream_duration = Children(metrics.upstream_duration)
+        self._ttft = Children(metrics.ttft)
+        self._tokens = Children(metrics.tokens)
         self.log_sink = log_sink
-        self._log_content = log_content
+        #: whether rows carry the prompt and the answer's text
+        self.log_content = log_content
         #: watches the cache hit rate for ``optimizer.degraded`` (set by Services)
         self.hit_rate_watch: HitRateWatch | None = None
 
@@ -37,21 +42,21 @@ class RequestRecorder:
         m.inflight.dec()
         elapsed = time.perf_counter() - ctx.started
         backend = ctx.backend or "none"
-        m.requests.labels(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status).inc()
+        self._requests(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status).inc()
         m.request_duration.observe(elapsed)
         if ctx.upstream_seconds:
-            m.upstream_duration.labels(backend).observe(ctx.upstream_seconds)
+            self._upstream_duration(backend).observe(ctx.upstream_seconds)
         if ctx.ttft_seconds is not None:
-            m.ttft.labels(backend).observe(ctx.ttft_seconds)
+            self._ttft(backend).observe(ctx.ttft_seconds)
         m.overhead.observe(max(0.0, elapsed - ctx.upstream_seconds))
         usage = ctx.usage or {}
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
         if ctx.cache_status != "hit" and ctx.dedupe_role != "follower":
             if prompt_tokens:
-                m.tokens.labels(ctx.agent, backend, "prompt").inc(prompt_tokens)
+                self._tokens(ctx.agent, backend, "prompt").inc(prompt_tokens)
             if completion_tokens:
-                m.tokens.labels(ctx.agent, backend, "completion").inc(completion_tokens)
+                self._tokens(ctx.agent, backend, "completion").inc(completion_tokens)
         if self.hit_rate_watch is not None:
             self.hit_rate_watch.observe(ctx.cache_status)
         if self.log_sink is None:
@@ -80,7 +85,7 @@ class RequestRecorder:
             "prompt": None,
             "completion": None,
         }
-        if self._log_content and request is not None:
+        if self.log_content and request is not None:
             row["prompt"] = request.prompt_text()
             row["completion"] = content
         self.log_sink.submit(row)

@@ -18,7 +18,7 @@ from app.storage.cache_tiers import CacheWrite, SqlCacheTier
 from app.storage.db import create_engine
 from app.storage.migrate import upgrade_to_head
 from app.storage.models import CacheEntry
-from app.storage.response_cache import MemoryLRU, ResponseCache
+from app.storage.response_cache import CachedAnswer, MemoryLRU, ResponseCache
 from tests.fake_upstream import FakeUpstream
 from tests.manual_clock import ManualClock
 from tests.serve import NewDatabase
@@ -262,15 +262,19 @@ def test_key_changes_with_route_and_namespace() -> None:
 # -- the tiers ---------------------------------------------------------------------------------
 
 
+def _answer(size: int, expires_at: float) -> CachedAnswer:
+    return CachedAnswer(b"x" * size, None, "up", None, expires_at)
+
+
 def test_memory_lru_is_bounded_by_bytes() -> None:
     lru = MemoryLRU(max_bytes=100)
-    lru.put("a", b"x" * 40, 10.0)
-    lru.put("b", b"x" * 40, 10.0)
+    lru.put("a", _answer(40, 10.0))
+    lru.put("b", _answer(40, 10.0))
     assert lru.get("a", 0.0) is not None  # a is now the most recently used
-    lru.put("c", b"x" * 40, 10.0)
+    lru.put("c", _answer(40, 10.0))
     assert lru.get("b", 0.0) is None and lru.get("a", 0.0) is not None and lru.get("c", 0.0) is not None
     assert lru.bytes == 80
-    lru.put("huge", b"x" * 101, 10.0)
+    lru.put("huge", _answer(101, 10.0))
     assert lru.get("huge", 0.0) is None and lru.bytes == 80
     assert lru.get("a", 10.0) is None  # expired
     assert lru.sweep(10.0) == 1 and len(lru) == 0 and lru.bytes == 0

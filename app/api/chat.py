@@ -82,12 +82,37 @@ def _headers(ctx: RequestContext) -> dict[str, str]:
     return headers
 
 
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            task.cancel()
-            return
+class DisconnectWatcher:
+    """Cancels ``task`` when the client disconnects, watching from a task started on the loop's next turn.
+
+    A request answered without waiting (a cache hit) is done before that turn and never pays for the task.
+    """
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self._receive = receive
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        self._start = asyncio.get_running_loop().call_soon(self._begin)
+
+    def _begin(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._task.cancel()
+                return
+
+    @property
+    def fired(self) -> bool:
+        """Whether the client went away (and so cancelled the task)."""
+        return self._watcher is not None and self._watcher.done() and not self._watcher.cancelled()
+
+    def stop(self) -> None:
+        self._start.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -122,7 +147,7 @@ class SSEResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        watcher = DisconnectWatcher(receive, task)
         status = 200
         text: list[str] = []
         try:
@@ -144,14 +169,14 @@ class SSEResponse(Response):
             log.warning("stream failed after the first chunk: %s", exc.message)
             await send({"type": "http.response.body", "body": _sse(exc.body()) + _DONE, "more_body": False})
         except asyncio.CancelledError:
-            if not watcher.done() or watcher.cancelled():
+            if not watcher.fired:
                 raise
             task.uncancel()
             status = CLIENT_CLOSED
         except OSError:
             status = CLIENT_CLOSED
         finally:
-            watcher.cancel()
+            watcher.stop()
             await self._rest.aclose()
             self._on_finish(status, "".join(text))
 
@@ -168,25 +193,27 @@ async def chat_completions(request: Request) -> Response:
     chat: ChatRequest | None = None
     task = asyncio.current_task()
     assert task is not None
-    watcher: asyncio.Task[None] | None = None
+    watcher: DisconnectWatcher | None = None
     try:
         # the key first: a caller without one learns nothing about the body
         services.authenticator.identify(ctx.authorization)
         check_content_type(request.headers.get("content-type"))
         chat = ChatRequest(parse_body(await request.body()))
         ctx.cache_read, ctx.cache_write = _cache_directives(request.headers.get("cache-control"))
-        watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, task))
+        watcher = DisconnectWatcher(request.receive, task)
         result: ChatResult = await services.pipeline(chat, ctx)
         if not chat.stream:
-            body = result.body if result.body is not None else await _collect(result.chunks)  # type: ignore[arg-type]
-            watcher.cancel()
-            recorder.finish(chat, ctx, 200, _content_of(body))
-            return Response(orjson.dumps(body), media_type="application/json", headers=_headers(ctx))
-        chunks = result.chunks if result.chunks is not None else chunks_from_completion(result.body or {})
+            payload = result.encoded
+            if payload is None:
+                payload = orjson.dumps(result.body if result.body is not None else await _collect(result.chunks))  # type: ignore[arg-type]
+            watcher.stop()
+            recorder.finish(chat, ctx, 200, _content_of(payload) if recorder.log_content else None)
+            return Response(payload, media_type="application/json", headers=_headers(ctx))
+        chunks = result.chunks if result.chunks is not None else chunks_from_completion(result.complete_body() or {})
         first = await anext(chunks, None)
         if first is None:
             raise UpstreamBadResponseError(f"{ctx.backend or 'the backend'} sent an empty stream")
-        watcher.cancel()
+        watcher.stop()
         request_ctx, request_chat = ctx, chat
         return SSEResponse(first, chunks, chat.include_usage, _headers(ctx), lambda status, text: recorder.finish(request_chat, request_ctx, status, text))
     except GatewayError as exc:
@@ -196,7 +223,7 @@ async def chat_completions(request: Request) -> Response:
         recorder.finish(chat, ctx, exc.status)
         return error_response(exc)
     except asyncio.CancelledError:
-        if watcher is None or not watcher.done() or watcher.cancelled():
+        if watcher is None or not watcher.fired:
             raise
         task.uncancel()
         recorder.finish(chat, ctx, CLIENT_CLOSED)
@@ -210,9 +237,9 @@ async def chat_completions(request: Request) -> Response:
         raise
     finally:
         if watcher is not None:
-            watcher.cancel()
+            watcher.stop()
 
 
-def _content_of(body: dict[str, Any]) -> str | None:
-    choices = body.get("choices") or ()
+def _content_of(payload: bytes) -> str | None:
+    choices = orjson.loads(payload).get("choices") or ()
     return (choices[0].get("message") or {}).get("content") if choices else None

@@ -8,6 +8,9 @@ from app.config import KeyConfig
 from app.errors import AuthenticationError
 from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
 
+#: accepted ``Authorization`` values remembered at most; only valid keys get in, so few are ever needed
+_KNOWN_MAX = 1024
+
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -29,6 +32,8 @@ class Authenticator:
 
     def __init__(self, keys: list[KeyConfig]) -> None:
         self._by_digest = {key_digest(k.key.get_secret_value()): k for k in keys}
+        # header value -> key, so a known caller costs a dict lookup rather than a SHA-256 each time
+        self._known: dict[str | None, KeyConfig] = {}
 
     @property
     def required(self) -> bool:
@@ -37,9 +42,15 @@ class Authenticator:
     def identify(self, authorization: str | None) -> KeyConfig | None:
         if not self._by_digest:
             return None
+        key = self._known.get(authorization)
+        if key is not None:
+            return key
         key = self._by_digest.get(key_digest(bearer_token(authorization, "gateway key")))
         if key is None:
             raise AuthenticationError("Incorrect API key provided.")
+        if len(self._known) >= _KNOWN_MAX:
+            self._known.clear()
+        self._known[authorization] = key
         return key
 
 

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from app.config import KeyConfig
 
 
@@ -67,10 +69,18 @@ class ChatRequest:
 
 @dataclass(slots=True)
 class ChatResult:
-    """Either a complete ``chat.completion`` body or a live stream of chunk dicts."""
+    """A complete ``chat.completion`` (a ``body``, or ``encoded`` JSON from the cache) or a live stream of chunk dicts."""
 
     body: dict[str, Any] | None = None
     chunks: AsyncIterator[dict[str, Any]] | None = None
+    #: a complete answer already encoded (a cache hit): sent as it is, decoded only when needed
+    encoded: bytes | None = None
+
+    def complete_body(self) -> dict[str, Any] | None:
+        """The complete answer as a dict (decoding ``encoded``); None for a stream."""
+        if self.body is None and self.encoded is not None:
+            return orjson.loads(self.encoded)  # type: ignore[no-any-return]
+        return self.body
 
 
 @dataclass(slots=True)

@@ -44,8 +44,8 @@ class CacheLayer:
                 ctx.backend = answer.backend
                 if answer.deployment:
                     ctx.deployment = Deployment.parse(answer.deployment)
-                ctx.usage = answer.body.get("usage")
-                return ChatResult(body=answer.body)
+                ctx.usage = answer.usage
+                return ChatResult(encoded=answer.payload)
             self._misses.inc()
             ctx.cache_status = "miss"
         else:

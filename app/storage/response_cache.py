@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.clock import Clock
 from app.config import CacheConfig
-from app.storage.cache_tiers import CacheTier, CacheWrite, SqlCacheTier
+from app.storage.cache_tiers import CacheTier, CacheWrite
 
 log = logging.getLogger("admiral.cache")
 
@@ -37,22 +36,34 @@ _WARN_EVERY_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
-    """A complete ``chat.completion`` and the backend that produced it."""
+    """A complete ``chat.completion``, kept as the JSON a hit sends, and the backend that produced it."""
 
-    body: dict[str, Any]
+    #: the body, encoded once when stored: a hit sends these bytes as they are
+    payload: bytes
+    usage: dict[str, Any] | None
     backend: str
     deployment: str | None
     expires_at: float
 
+    @classmethod
+    def of(cls, body: dict[str, Any], backend: str, deployment: str | None, expires_at: float) -> CachedAnswer:
+        return cls(orjson.dumps(body), body.get("usage"), backend, deployment, expires_at)
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The body decoded (a new dict on every use)."""
+        return orjson.loads(self.payload)  # type: ignore[no-any-return]
+
     def encode(self) -> bytes:
-        return orjson.dumps({"expires_at": self.expires_at, "backend": self.backend, "deployment": self.deployment, "body": self.body})
+        """The persistent tier's form: the body inside an envelope with the rest."""
+        return orjson.dumps({"expires_at": self.expires_at, "backend": self.backend, "deployment": self.deployment, "body": orjson.Fragment(self.payload)})
 
     @classmethod
     def decode(cls, raw: bytes) -> CachedAnswer | None:
         try:
             data = orjson.loads(raw)
-            return cls(body=data["body"], backend=data.get("backend") or "", deployment=data.get("deployment"), expires_at=float(data["expires_at"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return cls.of(data["body"], data.get("backend") or "", data.get("deployment"), float(data["expires_at"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             return None
 
 
@@ -62,43 +73,43 @@ def _live(raw: bytes, now: float) -> CachedAnswer | None:
 
 
 class MemoryLRU:
-    """Encoded entries by key; the least recently used go first once over ``max_bytes``."""
+    """Answers by key; the least recently used go first once their payloads pass ``max_bytes``."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._items: OrderedDict[str, CachedAnswer] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: str, now: float) -> bytes | None:
-        item = self._items.get(key)
-        if item is None:
+    def get(self, key: str, now: float) -> CachedAnswer | None:
+        answer = self._items.get(key)
+        if answer is None:
             return None
-        if item[1] <= now:
+        if answer.expires_at <= now:
             self.discard(key)
             return None
         self._items.move_to_end(key)
-        return item[0]
+        return answer
 
-    def put(self, key: str, data: bytes, expires_at: float) -> None:
+    def put(self, key: str, answer: CachedAnswer) -> None:
         self.discard(key)
-        if len(data) > self.max_bytes:
+        if len(answer.payload) > self.max_bytes:
             return
-        self._items[key] = (data, expires_at)
-        self.bytes += len(data)
+        self._items[key] = answer
+        self.bytes += len(answer.payload)
         while self.bytes > self.max_bytes:
-            _, (old, _) = self._items.popitem(last=False)
-            self.bytes -= len(old)
+            _, old = self._items.popitem(last=False)
+            self.bytes -= len(old.payload)
 
     def discard(self, key: str) -> None:
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.bytes -= len(item[0])
+        answer = self._items.pop(key, None)
+        if answer is not None:
+            self.bytes -= len(answer.payload)
 
     def sweep(self, now: float) -> int:
-        expired = [k for k, (_, expires_at) in self._items.items() if expires_at <= now]
+        expired = [k for k, answer in self._items.items() if answer.expires_at <= now]
         for key in expired:
             self.discard(key)
         return len(expired)
@@ -123,8 +134,7 @@ class ResponseCache:
         self._last_warning = float("-inf")
 
     @classmethod
-    def from_config(cls, config: CacheConfig, engine: AsyncEngine, clock: Clock | None = None) -> ResponseCache:
-        tier = SqlCacheTier(engine, max_total_bytes=config.max_total_bytes)
+    def from_config(cls, config: CacheConfig, tier: CacheTier, clock: Clock | None = None) -> ResponseCache:
         return cls(tier, ttl_s=config.ttl_s, memory_max_bytes=config.memory_max_bytes, max_entry_bytes=config.max_entry_bytes, sweep_interval_s=config.sweep_interval_s, clock=clock)
 
     def start(self) -> None:
@@ -145,9 +155,9 @@ class ResponseCache:
 
     async def get(self, key: str) -> CachedAnswer | None:
         now = self.clock.now()
-        raw = self.memory.get(key, now)
-        if raw is not None:
-            return _live(raw, now)
+        answer = self.memory.get(key, now)
+        if answer is not None:
+            return answer
         pending = self._pending.get(key)
         if pending is not None:
             return _live(pending.body, now)
@@ -158,21 +168,20 @@ class ResponseCache:
             raw = None
         if raw is None:
             # an identical request may have finished and stored its answer while this one read
-            raw = self.memory.get(key, now)
-            return _live(raw, now) if raw is not None else None
+            return self.memory.get(key, now)
         answer = _live(raw, now)
         if answer is not None:
-            self.memory.put(key, raw, answer.expires_at)
+            self.memory.put(key, answer)
         return answer
 
     def put(self, key: str, namespace: str, body: dict[str, Any], backend: str, deployment: str | None) -> bool:
         """Store a complete answer: in memory now, persistently soon. False when it is too big."""
         now = self.clock.now()
-        expires_at = now + self.ttl_s
-        data = CachedAnswer(body, backend, deployment, expires_at).encode()
+        answer = CachedAnswer.of(body, backend, deployment, now + self.ttl_s)
+        data = answer.encode()
         if len(data) > self.max_entry_bytes:
             return False
-        self.memory.put(key, data, expires_at)
+        self.memory.put(key, answer)
         previous = self._pending.pop(key, None)
         if previous is not None:
             self._pending_bytes -= len(previous.body)
@@ -180,7 +189,7 @@ class ResponseCache:
             self.dropped_writes += 1
             log.debug("cache write queue full; entry kept in memory only")
             return True
-        self._pending[key] = CacheWrite(key, namespace, data, now, expires_at)
+        self._pending[key] = CacheWrite(key, namespace, data, now, answer.expires_at)
         self._pending_bytes += len(data)
         self._wake.set()
         return True
