@@ -13,14 +13,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: the CPU attention kernels reject head_dim 16; hidden 128 with 2 heads gives head_dim 64
-HIDDEN_SIZE = 128
-NUM_HEADS = 2
-NUM_LAYERS = 2
-INTERMEDIATE_SIZE = 256
 VOCAB_SIZE = 512
 MAX_POSITIONS = 2048
 SEED = 1234
+
+#: the Llama's shape, as ``LlamaConfig`` names it; the CPU attention kernels reject head_dim 16:
+#: hidden 128 with 2 heads gives head_dim 64
+ARCHITECTURE: dict[str, int] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": MAX_POSITIONS,
+}
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -89,19 +95,7 @@ def build_tiny_model(path: str | Path) -> Path:
     tokenizer.save_pretrained(out)
     _make_tokenizer_config_portable(out)
 
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **ARCHITECTURE, **_special_token_ids(tokenizer))
     config.dtype = "float32"
     # fork_rng keeps the caller's global torch RNG untouched
     with torch.random.fork_rng(devices=[]):
@@ -123,8 +117,11 @@ def _make_tokenizer_config_portable(out: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The BOS, EOS and PAD token ids, keyed as the model and generation configs name them."""
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
 def _write_generation_config(out: Path, tokenizer: Any) -> None:
     # vLLM reads default sampling values from here; keep them neutral
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}, indent=2) + "\n"
-    )
+    (out / "generation_config.json").write_text(json.dumps(_special_token_ids(tokenizer), indent=2) + "\n")

@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -81,6 +81,17 @@ def no_flights_left(gw: GatewayServer) -> None:
     while len(gw.services.inflight):
         assert time.monotonic() < deadline, "a flight outlived its requests"
         time.sleep(0.01)
+
+
+async def every_waiter_leaves(gw: GatewayServer, upstream: FakeUpstream, join: Callable[[httpx.AsyncClient], Awaitable[list[asyncio.Task[Any]]]]) -> None:
+    """Cancel every request ``join`` started; wait until the upstream call is cancelled and its flight gone."""
+    async with httpx.AsyncClient(timeout=20) as client:
+        tasks = await join(client)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await until(lambda: upstream.cancelled == 1)
+    await until(lambda: len(gw.services.inflight) == 0)
 
 
 def coalesced(gw: GatewayServer) -> float:
@@ -302,19 +313,14 @@ def test_call_is_cancelled_when_every_waiter_left(upstream: FakeUpstream) -> Non
     upstream.behaviour = "hang"
     with gateway(config(upstream)) as gw:
 
-        async def run() -> None:
-            async with httpx.AsyncClient(timeout=20) as client:
-                tasks = [asyncio.create_task(post(client, gw, chat()))]
-                await until(lambda: upstream.calls == 1)
-                tasks += [asyncio.create_task(post(client, gw, chat())) for _ in range(2)]
-                await until(lambda: coalesced(gw) == 2)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            await until(lambda: upstream.cancelled == 1)
-            await until(lambda: len(gw.services.inflight) == 0)
+        async def join(client: httpx.AsyncClient) -> list[asyncio.Task[Any]]:
+            tasks = [asyncio.create_task(post(client, gw, chat()))]
+            await until(lambda: upstream.calls == 1)
+            tasks += [asyncio.create_task(post(client, gw, chat())) for _ in range(2)]
+            await until(lambda: coalesced(gw) == 2)
+            return tasks
 
-        asyncio.run(run())
+        asyncio.run(every_waiter_leaves(gw, upstream, join))
         assert upstream.calls == 1
 
 
@@ -322,21 +328,16 @@ def test_shared_stream_is_cancelled_when_every_reader_left(upstream: FakeUpstrea
     upstream.behaviour = "dribble:0.5"
     with gateway(config(upstream)) as gw:
 
-        async def run() -> None:
-            async with httpx.AsyncClient(timeout=20) as client:
-                firsts = [asyncio.Event(), asyncio.Event()]
-                tasks = [asyncio.create_task(stream(client, gw, chat(), firsts[0]))]
-                await firsts[0].wait()
-                tasks.append(asyncio.create_task(stream(client, gw, chat(), firsts[1])))
-                await firsts[1].wait()
-                assert coalesced(gw) == 1
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            await until(lambda: upstream.cancelled == 1)
-            await until(lambda: len(gw.services.inflight) == 0)
+        async def join(client: httpx.AsyncClient) -> list[asyncio.Task[Any]]:
+            firsts = [asyncio.Event(), asyncio.Event()]
+            tasks = [asyncio.create_task(stream(client, gw, chat(), firsts[0]))]
+            await firsts[0].wait()
+            tasks.append(asyncio.create_task(stream(client, gw, chat(), firsts[1])))
+            await firsts[1].wait()
+            assert coalesced(gw) == 1
+            return tasks
 
-        asyncio.run(run())
+        asyncio.run(every_waiter_leaves(gw, upstream, join))
         assert upstream.calls == 1
         # nothing was stored from the abandoned stream
         assert gw.services.cache is not None and len(gw.services.cache.memory) == 0

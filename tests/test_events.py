@@ -97,6 +97,16 @@ def delivered(metrics: Metrics, outcome: str) -> float:
     return metrics.registry.get_sample_value("admiral_webhook_deliveries_total", {"outcome": outcome}) or 0.0
 
 
+async def deliver_until_failed(receiver: HookReceiver, event: str, **options: Any) -> None:
+    """Send one ``event`` to the receiver (no backoff waits) until its delivery counts as failed."""
+    metrics = Metrics()
+    sender = WebhookSender([receiver.url()], metrics, sleep=no_wait, **options)
+    sender.start()
+    sender.deliver({"event": event})
+    await until(lambda: delivered(metrics, "failed") == 1)
+    await sender.close()
+
+
 @pytest.mark.asyncio
 async def test_event_is_posted_as_json_to_every_url(receiver: HookReceiver) -> None:
     metrics = Metrics()
@@ -148,25 +158,15 @@ async def test_gives_up_after_three_tries_and_hides_the_url_path(receiver: HookR
 
 @pytest.mark.asyncio
 async def test_a_client_error_is_not_retried(receiver: HookReceiver) -> None:
-    metrics = Metrics()
     receiver.script = [404]
-    sender = WebhookSender([receiver.url()], metrics, sleep=no_wait)
-    sender.start()
-    sender.deliver({"event": "optimizer.degraded"})
-    await until(lambda: delivered(metrics, "failed") == 1)
-    await sender.close()
+    await deliver_until_failed(receiver, "optimizer.degraded")
     assert len(receiver.posts) == 1
 
 
 @pytest.mark.asyncio
 async def test_a_hanging_receiver_times_out(receiver: HookReceiver) -> None:
-    metrics = Metrics()
     receiver.script = ["hang", "hang", "hang"]
-    sender = WebhookSender([receiver.url()], metrics, timeout_s=0.2, sleep=no_wait)
-    sender.start()
-    sender.deliver({"event": "optimizer.all_backends_down"})
-    await until(lambda: delivered(metrics, "failed") == 1)
-    await sender.close()
+    await deliver_until_failed(receiver, "optimizer.all_backends_down", timeout_s=0.2)
     assert len(receiver.posts) == 3
 
 

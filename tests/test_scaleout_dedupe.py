@@ -211,6 +211,14 @@ async def lead_and_follow(coordinators: list[RedisInflight], a: HeldCall, b: Hel
     return ticket_a, ticket_b, ctx_b
 
 
+async def follow_a_stream(coordinators: list[RedisInflight], a: HeldCall, b: HeldCall) -> tuple[Ticket, RequestContext, AsyncIterator[dict[str, Any]] | None]:
+    """A streams on replica A and B follows it (see ``lead_and_follow``); A sends ``{"n": 1}``; B's stream is unread."""
+    ticket_a, ticket_b, ctx_b = await lead_and_follow(coordinators, a, b)
+    a.answer.set()
+    await a.fed.put({"n": 1})
+    return ticket_a, ctx_b, (await ticket_b.result()).chunks
+
+
 async def lock_holder(prefix: str) -> bytes | None:
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
@@ -238,10 +246,7 @@ async def test_a_follower_replica_gets_the_leaders_body_and_context(coordinators
 @pytest.mark.asyncio
 async def test_a_follower_replica_gets_the_chunks_live(coordinators: list[RedisInflight], prefix: str) -> None:
     a, b = HeldCall("a", stream=True), HeldCall("b", stream=True)
-    ticket_a, ticket_b, ctx_b = await lead_and_follow(coordinators, a, b)
-    a.answer.set()
-    await a.fed.put({"n": 1})
-    stream_b = (await ticket_b.result()).chunks
+    ticket_a, ctx_b, stream_b = await follow_a_stream(coordinators, a, b)
     assert stream_b is not None and ctx_b.backend == "a"
     assert await anext(stream_b) == {"n": 1}
     await a.fed.put({"n": 2, "usage": {"total_tokens": 7}})  # sent only now: B can only have it live
@@ -316,10 +321,7 @@ async def test_the_leaders_gateway_error_is_the_follower_replicas_answer(coordin
 @pytest.mark.asyncio
 async def test_a_stream_breaking_after_its_first_chunk_is_the_follower_replicas_error(coordinators: list[RedisInflight], how: str) -> None:
     a, b = HeldCall("a", stream=True), HeldCall("b", stream=True)
-    ticket_a, ticket_b, _ = await lead_and_follow(coordinators, a, b)
-    a.answer.set()
-    await a.fed.put({"n": 1})
-    stream_b = (await ticket_b.result()).chunks
+    ticket_a, _, stream_b = await follow_a_stream(coordinators, a, b)
     assert stream_b is not None and await anext(stream_b) == {"n": 1}
     if how == "failed":
         await a.fed.put(UpstreamError("cut midway"))

@@ -10,7 +10,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from app.state.redis import RedisStateStore
-from app.state.redis_channels import ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels, StreamTruncated
+from app.state.redis_channels import ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels, StreamPublisher, StreamTruncated
 from tests.tcp_proxy import free_port
 
 pytestmark = pytest.mark.redis
@@ -28,6 +28,13 @@ async def channels(prefix: str) -> AsyncIterator[RedisChannels]:
 
 async def collect(it: AsyncIterator[bytes]) -> list[bytes]:
     return [chunk async for chunk in it]
+
+
+async def lead(channels: RedisChannels, key: str) -> tuple[str, StreamPublisher]:
+    """Take ``key``'s lease (5 s) and open its stream: the lease token and the publisher."""
+    token = await channels.acquire(key, ttl_s=5)
+    assert token is not None
+    return token, channels.publisher(key, token)
 
 
 @pytest.mark.asyncio
@@ -67,9 +74,7 @@ async def test_lease_expires_unless_kept_alive(channels: RedisChannels) -> None:
 
 @pytest.mark.asyncio
 async def test_late_joiner_gets_everything_then_live_chunks(channels: RedisChannels, prefix: str) -> None:
-    token = await channels.acquire("q", ttl_s=5)
-    assert token is not None
-    pub = channels.publisher("q", token)
+    token, pub = await lead(channels, "q")
     await pub.send(b"one")
     await pub.send(b"two")
 
@@ -113,9 +118,7 @@ async def test_reader_waits_for_a_stream_not_yet_written(channels: RedisChannels
 
 @pytest.mark.asyncio
 async def test_a_new_flight_on_the_same_key_has_its_own_stream(channels: RedisChannels) -> None:
-    first = await channels.acquire("k", ttl_s=5)
-    assert first is not None
-    pub = channels.publisher("k", first)
+    first, pub = await lead(channels, "k")
     await pub.send(b"old")
     await pub.end()
     await channels.release("k", first)
@@ -130,9 +133,7 @@ async def test_a_new_flight_on_the_same_key_has_its_own_stream(channels: RedisCh
 
 @pytest.mark.asyncio
 async def test_leader_failure_and_death_reach_followers(channels: RedisChannels) -> None:
-    token = await channels.acquire("fails", ttl_s=5)
-    assert token is not None
-    pub = channels.publisher("fails", token)
+    token, pub = await lead(channels, "fails")
     await pub.send(b"partial")
     await pub.fail("upstream 502")
     chunks: list[bytes] = []
@@ -157,9 +158,7 @@ async def test_leader_failure_and_death_reach_followers(channels: RedisChannels)
 async def test_a_trimmed_stream_is_reported_not_silently_shortened(prefix: str) -> None:
     ch = RedisChannels.from_url(REDIS_URL, prefix, poll_s=0.05, maxlen=3)
     try:
-        token = await ch.acquire("long", ttl_s=5)
-        assert token is not None
-        pub = ch.publisher("long", token)
+        token, pub = await lead(ch, "long")
         for i in range(5):
             await pub.send(str(i).encode())
         with pytest.raises(StreamTruncated):

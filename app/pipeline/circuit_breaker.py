@@ -21,6 +21,7 @@ from app.errors import (
 from app.events import EventBus
 from app.metrics import Metrics
 from app.pipeline.base import ChatRequest, ChatResult, Deployment, Handler, RequestContext
+from app.pipeline.policy import from_section
 from app.pipeline.watch import watch_stream
 from app.state import StateStore
 
@@ -42,8 +43,7 @@ class BreakerPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BreakerPolicy:
-        cb = settings.circuit_breaker
-        return cls(cb.failure_threshold, cb.window_s, cb.cooldown_s, cb.rate_limit_cooldown_s, settings.retry.deadline_s)
+        return from_section(cls, settings.circuit_breaker, probe_timeout_s=settings.retry.deadline_s)
 
 
 @dataclass(frozen=True, slots=True)

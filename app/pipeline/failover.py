@@ -31,6 +31,7 @@ from app.errors import (
 from app.metrics import Metrics
 from app.pipeline.base import ChatRequest, ChatResult, Deployment, Handler, RequestContext
 from app.pipeline.latency import LatencyTracker
+from app.pipeline.policy import from_section
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +45,7 @@ class RetryPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
-        r = settings.retry
-        return cls(r.attempts, r.backoff_s, r.max_backoff_s, r.deadline_s)
+        return from_section(cls, settings.retry)
 
     def backoff(self, after_round: int, rng: random.Random) -> float:
         """Exponential, with "equal jitter": half of it fixed, half random, so replicas spread out."""
