@@ -5,6 +5,7 @@
     ├── AuthenticationError           401 authentication_error
     ├── PermissionDeniedError         403 permission_error
     ├── NotFoundError                 404 not_found_error
+    ├── MethodNotAllowedError         405 invalid_request_error (+ Allow)
     ├── PayloadTooLargeError          413 invalid_request_error
     ├── RateLimitError                429 rate_limit_error (+ Retry-After)
     ├── ServiceUnavailableError       503 service_unavailable (+ Retry-After)
@@ -82,6 +83,18 @@ class PermissionDeniedError(GatewayError):
 class NotFoundError(GatewayError):
     status = 404
     error_type = "not_found_error"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 class PayloadTooLargeError(GatewayError):

@@ -7,16 +7,29 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from app.api import admin, chat, health, metrics
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestIds
 from app.clock import Clock
 from app.config import Settings, load_settings
 from app.services import Services
 
 
-def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
+class GatewayApp(FastAPI):
+    """FastAPI, but ``/v1/chat/completions`` goes straight to its own lane (:class:`chat.ChatCompletions`)."""
+
+    chat: chat.ChatCompletions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == chat.PATH:
+            await self.chat(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None) -> GatewayApp:
     """The gateway app; ``clock`` drives the limits, breakers and retries (tests pass a manual one)."""
 
     @asynccontextmanager
@@ -32,18 +45,20 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
             gc.unfreeze()  # a process that runs several apps (the tests) can free this one's
             await services.close()
 
-    app = FastAPI(title="Admiral Optimizer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = GatewayApp(title="Admiral Optimizer", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    app.include_router(chat.router)
+    chat.document(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(admin.router)
+    ids = RequestIds()
+    app.chat = chat.ChatCompletions(app, ids, settings.server.max_body_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, ids=ids)
     return app
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> GatewayApp:
     """Factory for ``uvicorn --factory`` and worker processes: config from ``$ADMIRAL_CONFIG``."""
     return create_app(load_settings())
 

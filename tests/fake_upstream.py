@@ -24,6 +24,7 @@ Behaviour syntax is ``name`` or ``name:arg`` (or a ``Behaviour`` instance):
                      plain: headers with the full content-length, half the body, then closed
     nodone           stream with everything (finish_reason, usage) except ``data: [DONE]``
 
+A plain ``ok`` answer sets a cookie (``upstream-session``), as providers behind a CDN do.
 ``GET /v1/models`` always answers ``up.models`` (latency applies). Every request is recorded in
 ``up.requests`` (header names lower-cased); ``up.calls`` counts chat completion requests only.
 ``up.cancelled`` counts chat requests whose client went away before the response was complete.
@@ -315,7 +316,8 @@ class FakeUpstream:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         payload = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
         if name != "cut":
-            return web.json_response(payload)
+            # as providers behind a CDN do: a client that keeps cookies sends this one back
+            return web.json_response(payload, headers={"Set-Cookie": f"upstream-session={rid}; Path=/"})
         raw = json.dumps(payload).encode()
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.content_length = len(raw)

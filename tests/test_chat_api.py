@@ -134,6 +134,16 @@ def test_provider_key_goes_upstream_and_agent_key_does_not(client: openai.OpenAI
     assert AGENT_KEY not in repr(upstream.chat_requests[0])
 
 
+def test_upstream_cookies_stay_with_the_call_that_got_them(upstream: FakeUpstream) -> None:
+    # by name, not IP: cookie jars keep no cookies from IP addresses
+    with gateway(config(upstream).replace("127.0.0.1", "localhost")) as gw:
+        for prompt in ("first agent", "second agent"):
+            r = httpx.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {AGENT_KEY}"}, json={"model": "fast", "messages": [{"role": "user", "content": prompt}]}, timeout=10)
+            assert r.status_code == 200, r.text
+            assert "set-cookie" not in r.headers
+    assert [("cookie" in req.headers) for req in upstream.chat_requests] == [False, False]
+
+
 def test_body_over_limit_is_413(upstream: FakeUpstream) -> None:
     with gateway(config(upstream) + "server: {max_body_bytes: 2048}\n") as gw:
         r = httpx.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {AGENT_KEY}"}, json={"model": "fast", "messages": [{"role": "user", "content": "x" * 5000}]})

@@ -14,11 +14,13 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.responses import json_response
-from app.errors import BadRequestError, GatewayError, NotFoundError, ServiceUnavailableError
+from app.errors import BadRequestError, GatewayError, MethodNotAllowedError, NotFoundError, ServiceUnavailableError
 
 log = logging.getLogger("admiral.api")
 
-_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error"}
+#: what a route raises when the database is out of reach: answered 503, not 500
+UNAVAILABLE = (OSError, OperationalError, InterfaceError, SQLAlchemyTimeoutError)
 
 
 def error_response(exc: GatewayError) -> Response:
@@ -73,6 +75,15 @@ def _shown(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def method_not_allowed(method: str, path: str, allow: str) -> MethodNotAllowedError:
+    return MethodNotAllowedError(f"Method not allowed: {method} {_shown(path)}; this path takes {allow}.", allow=allow)
+
+
+def database_unavailable() -> ServiceUnavailableError:
+    # the database went away under the route: the caller may well succeed a little later
+    return ServiceUnavailableError("The gateway's database is unavailable; try again shortly.", code="database_unavailable", retry_after=5)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def gateway_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
@@ -87,10 +98,9 @@ def install_error_handlers(app: FastAPI) -> None:
         where = f"{request.method} {_shown(request.url.path)}"
         if exc.status_code == 404:
             return error_response(NotFoundError(f"Unknown path: {where}."))
-        detail = str(exc.detail)
         if exc.status_code == 405:
-            detail = f"Method not allowed: {where}; this path takes {(exc.headers or {}).get('Allow', 'another method')}."
-        err = GatewayError(detail)
+            return error_response(method_not_allowed(request.method, request.url.path, (exc.headers or {}).get("Allow", "another method")))
+        err = GatewayError(str(exc.detail))
         err.status = exc.status_code
         err.error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error")
         response = error_response(err)
@@ -99,9 +109,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return response
 
     async def unavailable(request: Request, exc: Exception) -> Response:
-        # the database went away under the route: the caller may well succeed a little later
         log.warning("%s %s: the database is unavailable: %s: %s", request.method, request.url.path, type(exc).__name__, str(exc)[:200])
-        return error_response(ServiceUnavailableError("The gateway's database is unavailable; try again shortly.", code="database_unavailable", retry_after=5))
+        return error_response(database_unavailable())
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -110,6 +119,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, request_validation)
     app.add_exception_handler(HTTPException, http_error)
-    for unreachable in (OSError, OperationalError, InterfaceError, SQLAlchemyTimeoutError):
+    for unreachable in UNAVAILABLE:
         app.add_exception_handler(unreachable, unavailable)
     app.add_exception_handler(Exception, unexpected)

@@ -1,12 +1,14 @@
-"""HTTP concerns as pure ASGI middleware: request ids and the body size limit."""
+"""HTTP concerns as pure ASGI middleware: request ids and the body size limit.
+
+The chat completions lane (:class:`app.api.chat.ChatCompletions`) runs before this middleware and
+uses the same pieces: :class:`RequestIds`, :func:`declared_too_large` and :func:`too_large`.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
 import re
-import uuid
-from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,19 +18,16 @@ from app.errors import PayloadTooLargeError
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-class RequestIdMiddleware:
-    """Takes a sane ``x-request-id`` from the client or makes one; echoes it on the response."""
+class RequestIds:
+    """Takes a sane ``x-request-id`` from the client or makes one."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         # a made id is 32 hex digits: this process's random half, then a counter (no system call per request)
         self._prefix = os.urandom(8).hex()
         self._counter = itertools.count()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def assign(self, scope: Scope) -> str:
+        """The request's id, also put in ``scope["state"]["request_id"]``."""
         request_id = ""
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -39,7 +38,21 @@ class RequestIdMiddleware:
         if not request_id:
             request_id = f"{self._prefix}{next(self._counter):016x}"
         scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode())
+        return request_id
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (see :class:`RequestIds`) and echoes it on the response."""
+
+    def __init__(self, app: ASGIApp, ids: RequestIds) -> None:
+        self.app = app
+        self.ids = ids
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = (b"x-request-id", self.ids.assign(scope).encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -49,6 +62,21 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def too_large(max_bytes: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"Request body exceeds the gateway's limit of {max_bytes} bytes.")
+
+
+def declared_too_large(scope: Scope, max_bytes: int) -> bool:
+    """Whether the request's Content-Length is over ``max_bytes`` (a malformed one is left to the server)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value) > max_bytes
+            except ValueError:
+                return False
+    return False
+
+
 class BodyLimitMiddleware:
     """Refuses bodies over ``max_bytes`` with 413, by Content-Length or by counting as it reads."""
 
@@ -56,25 +84,14 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _refuse(self, send: Send) -> None:
-        err = PayloadTooLargeError(f"Request body exceeds the gateway's limit of {self.max_bytes} bytes.")
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": orjson.dumps(err.body())})
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(send)
-                    return
-                break
+        if declared_too_large(scope, self.max_bytes):
+            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": orjson.dumps(too_large(self.max_bytes).body())})
+            return
         seen = 0
 
         async def counting_receive() -> Message:
@@ -84,11 +101,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise PayloadTooLargeError(f"Request body exceeds the gateway's limit of {self.max_bytes} bytes.")
+                    raise too_large(self.max_bytes)
             return message
 
         await self.app(scope, counting_receive, send)
-
-
-def request_id_of(scope: dict[str, Any]) -> str:
-    return scope.get("state", {}).get("request_id") or uuid.uuid4().hex

@@ -9,7 +9,7 @@ from app.metrics import Metrics
 from app.pipeline.base import ChatRequest, ChatResult, Deployment, Handler, RequestContext
 from app.pipeline.cache_key import ensure_cache_key
 from app.pipeline.streaming import ChunkAssembler
-from app.storage.response_cache import ResponseCache
+from app.storage.response_cache import CachedAnswer, ResponseCache
 
 
 def is_complete(body: dict[str, Any]) -> bool:
@@ -55,13 +55,16 @@ class CacheLayer:
             return result
         if result.body is not None:
             if is_complete(result.body):
-                self._store(key, ctx, result.body)
+                stored = self._store(key, ctx, result.body)
+                if stored is not None:
+                    # the client gets the bytes just encoded for the cache rather than a second encoding
+                    result.encoded = stored.payload
             return result
         assert result.chunks is not None
         return ChatResult(chunks=self._store_when_finished(result.chunks, key, ctx))
 
-    def _store(self, key: str, ctx: RequestContext, body: dict[str, Any]) -> None:
-        self._cache.put(key, ctx.cache_namespace, body, ctx.backend, str(ctx.deployment) if ctx.deployment else None)
+    def _store(self, key: str, ctx: RequestContext, body: dict[str, Any]) -> CachedAnswer | None:
+        return self._cache.put(key, ctx.cache_namespace, body, ctx.backend, str(ctx.deployment) if ctx.deployment else None)
 
     async def _store_when_finished(self, chunks: AsyncIterator[dict[str, Any]], key: str, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         # stored only when the stream ran to its end with a finish_reason: never a cut or failed one

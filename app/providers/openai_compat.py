@@ -61,7 +61,8 @@ class OpenAICompatibleProvider:
         if self._secret:
             headers["Authorization"] = f"Bearer {self._secret}"
         connector = aiohttp.TCPConnector(limit=self._config.max_concurrency, keepalive_timeout=30, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(headers=headers, connector=connector, raise_for_status=False, auto_decompress=True)
+        # no cookie jar: a cookie one agent's call got back must not ride along on another agent's call
+        self._session = aiohttp.ClientSession(headers=headers, connector=connector, cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False, auto_decompress=True)
 
     def ready(self) -> bool:
         return self._session is not None

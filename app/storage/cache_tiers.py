@@ -7,22 +7,20 @@ so nothing is lost while Redis is away.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import sqlite3
 import struct
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import Table, delete, func, select
+from sqlalchemy import Executable, Table, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.state import StateStore
 from app.storage.models import CacheEntry
+from app.storage.sqlite_reader import SqliteReader
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -68,6 +66,15 @@ class CacheTier(Protocol):
     async def aclose(self) -> None: ...
 
 
+def _upsert(dialect: str) -> Executable | None:
+    """Insert-or-replace by key, where the dialect has it (SQLite, PostgreSQL)."""
+    if dialect not in ("sqlite", "postgresql"):
+        return None
+    insert = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(_TABLE)
+    changed = {c: insert.excluded[c] for c in ("namespace", "body", "size", "created_at", "expires_at")}
+    return insert.on_conflict_do_update(index_elements=[_TABLE.c.key], set_=changed)
+
+
 class SqlCacheTier:
     """The ``cache_entries`` table: reads are one primary-key SELECT, writes are upserts."""
 
@@ -76,10 +83,10 @@ class SqlCacheTier:
         self._max_total_bytes = max_total_bytes
         self._dialect = engine.dialect.name
         database = engine.url.database
-        # SQLite reads skip the async pool: one connection on one thread of its own costs a tenth
-        self._sqlite_path = database if self._dialect == "sqlite" and database and database != ":memory:" else None
-        self._reader: ThreadPoolExecutor | None = None
-        self._reader_conn: sqlite3.Connection | None = None
+        # SQLite reads skip the async pool: a connection of their own on a thread of its own
+        self._reader = SqliteReader(database) if self._dialect == "sqlite" and database and database != ":memory:" else None
+        # built once: making the statement costs more than running it on a small batch
+        self._upsert = _upsert(self._dialect)
 
     async def get(self, key: str, now: float) -> bytes | None:
         entry = await self.get_entry(key, now)
@@ -87,23 +94,12 @@ class SqlCacheTier:
 
     async def get_entry(self, key: str, now: float) -> tuple[bytes, float] | None:
         """The entry's bytes and expiry time when present and not expired at ``now``."""
-        if self._sqlite_path is not None:
-            if self._reader is None:
-                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-read")
-            return await asyncio.get_running_loop().run_in_executor(self._reader, self._sqlite_get, key, now)
-        query = select(_TABLE.c.body, _TABLE.c.expires_at).where(_TABLE.c.key == key, _TABLE.c.expires_at > now)
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(query)).one_or_none()
-        return (bytes(row[0]), float(row[1])) if row is not None else None
-
-    def _sqlite_get(self, key: str, now: float) -> tuple[bytes, float] | None:
-        # runs on the reader thread only; autocommit, so every read sees the latest commit
-        if self._reader_conn is None:
-            assert self._sqlite_path is not None
-            self._reader_conn = sqlite3.connect(self._sqlite_path, check_same_thread=False, isolation_level=None)
-            self._reader_conn.execute("PRAGMA busy_timeout=5000")
-            self._reader_conn.execute("PRAGMA query_only=1")
-        row = self._reader_conn.execute(_SQLITE_READ, (key, now)).fetchone()
+        if self._reader is not None:
+            row = await self._reader.fetchone(_SQLITE_READ, (key, now))
+        else:
+            query = select(_TABLE.c.body, _TABLE.c.expires_at).where(_TABLE.c.key == key, _TABLE.c.expires_at > now)
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(query)).one_or_none()
         return (bytes(row[0]), float(row[1])) if row is not None else None
 
     async def put(self, entries: Sequence[CacheWrite]) -> None:
@@ -113,10 +109,8 @@ class SqlCacheTier:
             {"key": e.key, "namespace": e.namespace[:128], "body": e.body, "size": len(e.body), "created_at": e.created_at, "expires_at": e.expires_at} for e in entries
         ]
         async with self._engine.begin() as conn:
-            if self._dialect in ("sqlite", "postgresql"):
-                insert = (sqlite.insert if self._dialect == "sqlite" else postgresql.insert)(_TABLE)
-                changed = {c: insert.excluded[c] for c in ("namespace", "body", "size", "created_at", "expires_at")}
-                await conn.execute(insert.on_conflict_do_update(index_elements=[_TABLE.c.key], set_=changed), rows)
+            if self._upsert is not None:
+                await conn.execute(self._upsert, rows)
             else:
                 await conn.execute(delete(_TABLE).where(_TABLE.c.key.in_([r["key"] for r in rows])))
                 await conn.execute(_TABLE.insert(), rows)
@@ -142,16 +136,9 @@ class SqlCacheTier:
         return removed
 
     async def aclose(self) -> None:
-        # the engine belongs to Services, which disposes of it; the reader thread is ours
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await asyncio.get_running_loop().run_in_executor(reader, self._close_reader)
-            reader.shutdown(wait=True)
-
-    def _close_reader(self) -> None:
-        if self._reader_conn is not None:
-            self._reader_conn.close()
-            self._reader_conn = None
+        # the engine belongs to Services, which disposes of it; the reader is ours
+        if self._reader is not None:
+            await self._reader.aclose()
 
 
 class RedisCacheTier:

@@ -174,13 +174,13 @@ class ResponseCache:
             self.memory.put(key, answer)
         return answer
 
-    def put(self, key: str, namespace: str, body: dict[str, Any], backend: str, deployment: str | None) -> bool:
-        """Store a complete answer: in memory now, persistently soon. False when it is too big."""
+    def put(self, key: str, namespace: str, body: dict[str, Any], backend: str, deployment: str | None) -> CachedAnswer | None:
+        """Store a complete answer: in memory now, persistently soon. None when it is too big."""
         now = self.clock.now()
         answer = CachedAnswer.of(body, backend, deployment, now + self.ttl_s)
         data = answer.encode()
         if len(data) > self.max_entry_bytes:
-            return False
+            return None
         self.memory.put(key, answer)
         previous = self._pending.pop(key, None)
         if previous is not None:
@@ -188,11 +188,11 @@ class ResponseCache:
         if self._pending_bytes + len(data) > MAX_PENDING_BYTES:
             self.dropped_writes += 1
             log.debug("cache write queue full; entry kept in memory only")
-            return True
+            return answer
         self._pending[key] = CacheWrite(key, namespace, data, now, answer.expires_at)
         self._pending_bytes += len(data)
         self._wake.set()
-        return True
+        return answer
 
     async def flush(self) -> None:
         """Write everything pending to the persistent tier now."""
