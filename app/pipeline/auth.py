@@ -6,10 +6,8 @@ import hashlib
 
 from app.config import KeyConfig
 from app.errors import AuthenticationError
+from app.memo import Recent
 from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
-
-#: accepted ``Authorization`` values remembered at most; only valid keys get in, so few are ever needed
-_KNOWN_MAX = 1024
 
 
 def key_digest(key: str) -> str:
@@ -32,8 +30,9 @@ class Authenticator:
 
     def __init__(self, keys: list[KeyConfig]) -> None:
         self._by_digest = {key_digest(k.key.get_secret_value()): k for k in keys}
-        # header value -> key, so a known caller costs a dict lookup rather than a SHA-256 each time
-        self._known: dict[str | None, KeyConfig] = {}
+        # accepted header value -> key, so a known caller costs a dict lookup rather than a SHA-256
+        # each time (only valid keys get in, so few are ever remembered)
+        self._known: Recent[str | None, KeyConfig] = Recent()
 
     @property
     def required(self) -> bool:
@@ -48,9 +47,7 @@ class Authenticator:
         key = self._by_digest.get(key_digest(bearer_token(authorization, "gateway key")))
         if key is None:
             raise AuthenticationError("Incorrect API key provided.")
-        if len(self._known) >= _KNOWN_MAX:
-            self._known.clear()
-        self._known[authorization] = key
+        self._known.put(authorization, key)
         return key
 
 

@@ -30,9 +30,14 @@ class Deployment:
 
 @dataclass(slots=True)
 class ChatRequest:
-    """A validated chat completion request; ``body`` is the OpenAI JSON as the client sent it."""
+    """A validated chat completion request; ``body`` is the OpenAI JSON as the client sent it.
+
+    ``raw`` is the body's bytes as they came (empty when the request was built otherwise): equal
+    bytes mean an equal body, so work that depends only on the body can be remembered by them.
+    """
 
     body: dict[str, Any]
+    raw: bytes = b""
 
     @property
     def model(self) -> str:

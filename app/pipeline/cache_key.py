@@ -7,12 +7,15 @@ from typing import Any
 
 import orjson
 
+from app.memo import BODY_MAX_BYTES, Recent
 from app.pipeline.base import ChatRequest, RequestContext
 
 #: fields that never change the answer; every other field of the body is part of the key
 NEUTRAL_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metadata", "store", "request_id"})
 #: bump when the key's encoding changes, so old entries stop matching instead of answering wrongly
 KEY_VERSION = 1
+#: keys by (raw body, route, namespace): a repeated request costs a dict lookup
+_recent: Recent[tuple[bytes, str, str], str] = Recent()
 
 
 def _normal(value: Any) -> Any:
@@ -33,9 +36,17 @@ def compute_cache_key(request: ChatRequest, ctx: RequestContext) -> str:
     The route is the public model name the router resolved (for ``auto``, the model it chose), so
     ``auto`` and the name it picks share entries. Absent and ``null`` fields are the same.
     """
+    remember = 0 < len(request.raw) <= BODY_MAX_BYTES
+    if remember:
+        known = _recent.get((request.raw, ctx.route, ctx.cache_namespace))
+        if known is not None:
+            return known
     fields = {k: v for k, v in request.body.items() if v is not None and k not in NEUTRAL_FIELDS}
     material = {"v": KEY_VERSION, "route": ctx.route, "namespace": ctx.cache_namespace, "request": _normal(fields)}
-    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    key = hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    if remember:
+        _recent.put((request.raw, ctx.route, ctx.cache_namespace), key)
+    return key
 
 
 def ensure_cache_key(request: ChatRequest, ctx: RequestContext) -> str:
