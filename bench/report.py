@@ -89,10 +89,12 @@ def machine(cpu_plan: str) -> dict[str, Any]:
     }
 
 
-def write(path: Path, settings: dict[str, Any], info: dict[str, Any], figures: dict[str, float], rows: list[dict[str, Any]], warnings: list[str]) -> None:
-    """``path`` as JSON, and the same figures as Markdown beside it (``.md``)."""
+def write(
+    path: Path, settings: dict[str, Any], info: dict[str, Any], figures: dict[str, float], rows: list[dict[str, Any]], warnings: list[str], rounds: dict[str, list[float]]
+) -> None:
+    """``path`` as JSON (with every round's values), and the figures as Markdown beside it (``.md``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "settings": settings, "figures": figures, "ratios": rows, "warnings": warnings}
+    doc = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "settings": settings, "figures": figures, "rounds": rounds, "ratios": rows, "warnings": warnings}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(info, figures, rows, warnings))
 

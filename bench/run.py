@@ -30,13 +30,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each run (default 2)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections for throughput runs (default 50)")
     p.add_argument("--ttfb-requests", type=int, default=300, help="streamed requests per TTFB median (default 300)")
-    p.add_argument("--quick", action="store_true", help="RSS marks at 2k/20k requests instead of 10k/100k")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the baseline and gateway runs, figures are medians (default 5, --quick 3)")
+    p.add_argument("--quick", action="store_true", help="3 rounds, and RSS marks at 2k/20k requests instead of 10k/100k")
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
     p.add_argument("--skip-gateway", action="store_true", help="baselines only (no admiral-optimizer needed)")
     p.add_argument("--no-install", action="store_true", help="never apt-get or pip install anything")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json", help="results file")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     unknown = set(args.only) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
@@ -76,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     if busy_before > BUSY:
         print(f"bench: warning: the machine is already {busy_before:.0%} busy; figures will be low and noisy")
     upstream_port = free_port()
-    bench = Bench(args.duration, args.warmup, args.connections, args.ttfb_requests, rss_marks, plan, workdir, upstream_port, gateway_cmd)
+    bench = Bench(args.duration, args.warmup, args.connections, args.ttfb_requests, rss_marks, plan, workdir, upstream_port, gateway_cmd, args.rounds)
     with nginx_server(workdir / "nginx", upstream_port, plan.load):
-        for name in SCENARIOS:
+        if "baselines" in args.only or "gateway" in args.only:
+            bench.compare(with_baselines="baselines" in args.only, with_gateway="gateway" in args.only)
+        for name in ("workers", "rss"):
             if name in args.only:
                 getattr(bench, name)()
     busy_after = busy_fraction()
@@ -97,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "ttfb_requests": args.ttfb_requests,
         "rss_marks": list(rss_marks),
+        "rounds": args.rounds,
         "scenarios": args.only,
     }
-    report.write(args.out, settings, report.machine(plan.describe()), bench.figures, rows, bench.warnings)
+    report.write(args.out, settings, report.machine(plan.describe()), bench.figures, rows, bench.warnings, bench.rounds_seen)
     print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} in {time.monotonic() - started:.0f}s")
     return 0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +32,17 @@ class Bench:
     workdir: Path
     upstream_port: int
     gateway_cmd: str | None
+    rounds: int = 1
     figures: dict[str, Any] = field(default_factory=dict)
+    #: every round's value of the figures measured in rounds
+    rounds_seen: dict[str, list[float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def record(self, key: str, value: float, unit: str, label: str) -> None:
+    def record(self, key: str, value: float, unit: str, label: str, note: str = "") -> None:
         self.figures[key] = round(value, 3)
-        print(f"  {label:<52} {value:>10.2f} {unit}", flush=True)
+        print(f"  {label:<52} {value:>10.2f} {unit:<5} {note}".rstrip(), flush=True)
 
     def check(self, server: Server, work: Workload) -> dict[str, str]:
         """One request of the workload must come back 200 with a chat completion."""
@@ -53,9 +58,9 @@ class Bench:
             raise RuntimeError(f"{server.name} answered {status}: {data[:300]!r}")
         return resp_headers
 
-    def load(self, server: Server, work: Workload, connections: int) -> WrkResult:
+    def load(self, server: Server, work: Workload, connections: int, *, warm: bool = True) -> WrkResult:
         self.check(server, work)
-        if self.warmup > 0:
+        if warm and self.warmup > 0:
             wrk(server.port, work, connections=connections, duration=self.warmup, cpus=self.plan.load)
         result = wrk(server.port, work, connections=connections, duration=self.duration, cpus=self.plan.load)
         if result.errors:
@@ -75,39 +80,64 @@ class Bench:
 
     # -- scenarios -------------------------------------------------------------------------------
 
-    def baselines(self) -> None:
-        """Passthrough misses and c=1 latency; constant endpoint throughput; direct TTFB."""
-        print("baselines", flush=True)
-        misses = Workload("bench", unique=True)
-        # nginx shares the load core with wrk here, so this bounds what wrk can send at all
-        ceiling = wrk(self.upstream_port, misses, connections=self.connections, duration=min(self.duration, 5), cpus=self.plan.load)
-        self.record("wrk_ceiling_rps", ceiling.rps, "req/s", "wrk straight to nginx (load generator ceiling)")
-        with servers.passthrough(self.workdir, self.upstream_port, self.plan.server) as srv:
-            self.record("passthrough_rps", self.load(srv, misses, self.connections).rps, "req/s", f"passthrough, unique prompts, c={self.connections}")
-            self.record("passthrough_c1_p50_ms", self.load(srv, misses, 1).p50_ms, "ms", "passthrough, c=1 p50")
-        with servers.constant(self.workdir, self.plan.server) as srv:
-            fixed = Workload("bench", unique=False)
-            self.record("constant_rps", self.load(srv, fixed, self.connections).rps, "req/s", f"constant endpoint, c={self.connections}")
-        direct = ttfb(self.upstream_port, STREAM_PATH, _stream_body, {}, self.ttfb_requests)
-        self.record("ttfb_direct_ms", direct.median_ms, "ms", f"stream TTFB direct to nginx (median of {direct.samples})")
+    def compare(self, with_baselines: bool, with_gateway: bool) -> None:
+        """Passthrough, constant endpoint and gateway side by side, their runs interleaved in rounds.
 
-    def gateway(self) -> None:
-        """The gateway on one core: misses, c=1 latency, hits, streaming TTFB."""
-        print("gateway, 1 worker", flush=True)
-        misses = Workload("bench", unique=True, auth=servers.GATEWAY_KEY)
-        hits = Workload("bench", unique=False, auth=servers.GATEWAY_KEY)
-        with self._gateway(self.plan.server) as gw:
-            self.record("gateway_rps", self.load(gw, misses, self.connections).rps, "req/s", f"gateway, unique prompts (cache misses), c={self.connections}")
-            self.record("gateway_c1_p50_ms", self.load(gw, misses, 1).p50_ms, "ms", "gateway, c=1 p50 (misses)")
-            self.check(gw, hits)
-            cache = self.check(gw, hits).get("x-admiral-cache", "<no header>")
-            if cache != "hit":
-                self.warnings.append(f"gateway: a repeated request answered x-admiral-cache: {cache}")
-            self.record("gateway_hits_rps", self.load(gw, hits, self.connections).rps, "req/s", f"gateway, one fixed prompt (cache hits), c={self.connections}")
-            streamed = ttfb(gw.port, JSON_PATH, _stream_body, GATEWAY_AUTH, self.ttfb_requests)
-            if streamed.errors:
-                self.warnings.append(f"gateway: {streamed.errors} streamed requests failed")
-            self.record("ttfb_gateway_ms", streamed.median_ms, "ms", f"stream TTFB through the gateway (median of {streamed.samples})")
+        All servers run at once on the server core (only the one under load does any work), and
+        each round measures every figure once, so a slow minute of the machine lands on all of
+        them alike; every figure is the median of its rounds.
+        """
+        which = " and ".join(name for name, on in (("baselines", with_baselines), ("gateway", with_gateway)) if on)
+        print(f"{which}, 1 worker, {self.rounds} interleaved rounds", flush=True)
+        misses = Workload("bench", unique=True)
+        gw_misses = Workload("bench", unique=True, auth=servers.GATEWAY_KEY)
+        gw_hits = Workload("bench", unique=False, auth=servers.GATEWAY_KEY)
+        if with_baselines:
+            # nginx shares the load core with wrk here, so this bounds what wrk can send at all
+            ceiling = wrk(self.upstream_port, misses, connections=self.connections, duration=min(self.duration, 5), cpus=self.plan.load)
+            self.record("wrk_ceiling_rps", ceiling.rps, "req/s", "wrk straight to nginx (load generator ceiling)")
+        with contextlib.ExitStack() as started:
+            # (figure, label, server, workload, connections), each baseline run next to its gateway run
+            runs: list[tuple[str, str, Server, Workload, int]] = []
+            if with_baselines:
+                passthrough = started.enter_context(servers.passthrough(self.workdir, self.upstream_port, self.plan.server))
+                constant = started.enter_context(servers.constant(self.workdir, self.plan.server))
+            if with_gateway:
+                gw = started.enter_context(self._gateway(self.plan.server))
+                self.check(gw, gw_hits)
+                cache = self.check(gw, gw_hits).get("x-admiral-cache", "<no header>")
+                if cache != "hit":
+                    self.warnings.append(f"gateway: a repeated request answered x-admiral-cache: {cache}")
+            for pair in (
+                (("passthrough_rps", f"passthrough, unique prompts, c={self.connections}", misses, self.connections),
+                 ("gateway_rps", f"gateway, unique prompts (cache misses), c={self.connections}", gw_misses, self.connections)),
+                (("constant_rps", f"constant endpoint, c={self.connections}", Workload("bench", unique=False), self.connections),
+                 ("gateway_hits_rps", f"gateway, one fixed prompt (cache hits), c={self.connections}", gw_hits, self.connections)),
+                (("passthrough_c1_p50_ms", "passthrough, c=1 p50", misses, 1), ("gateway_c1_p50_ms", "gateway, c=1 p50 (misses)", gw_misses, 1)),
+            ):
+                (base_key, base_label, base_work, base_c), (gw_key, gw_label, gw_work, gw_c) = pair
+                if with_baselines:
+                    runs.append((base_key, base_label, constant if base_key == "constant_rps" else passthrough, base_work, base_c))
+                if with_gateway:
+                    runs.append((gw_key, gw_label, gw, gw_work, gw_c))
+            samples: dict[str, list[float]] = {}
+            for round_number in range(self.rounds):
+                for key, _, server, work, connections in runs:
+                    result = self.load(server, work, connections, warm=round_number == 0)
+                    samples.setdefault(key, []).append(result.p50_ms if key.endswith("_ms") else result.rps)
+            self.rounds_seen.update({key: [round(v, 3) for v in values] for key, values in samples.items()})
+            for key, label, *_ in runs:
+                values = samples[key]
+                note = f"median of {len(values)}, {min(values):.2f} to {max(values):.2f}"
+                self.record(key, statistics.median(values), "ms" if key.endswith("_ms") else "req/s", label, note)
+            if with_gateway:
+                streamed = ttfb(gw.port, JSON_PATH, _stream_body, GATEWAY_AUTH, self.ttfb_requests)
+                if streamed.errors:
+                    self.warnings.append(f"gateway: {streamed.errors} streamed requests failed")
+                self.record("ttfb_gateway_ms", streamed.median_ms, "ms", f"stream TTFB through the gateway (median of {streamed.samples})")
+        if with_baselines:
+            direct = ttfb(self.upstream_port, STREAM_PATH, _stream_body, {}, self.ttfb_requests)
+            self.record("ttfb_direct_ms", direct.median_ms, "ms", f"stream TTFB direct to nginx (median of {direct.samples})")
 
     def workers(self) -> None:
         """Misses throughput with 1 worker and with 2, each free to use every core."""
