@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,28 @@ def test_sql_tier_on_postgres(new_pg_database: NewDatabase) -> None:
     asyncio.run(_tier_checks(url))
 
 
+def test_sql_tier_rows_on_sqlite_read_back_through_sqlalchemy() -> None:
+    # on SQLite the upsert goes to the driver as plain tuples: what SQLAlchemy reads back must be what was put
+    url = _sqlite_url()
+
+    async def run() -> list[tuple[Any, ...]]:
+        engine = create_engine(url)
+        try:
+            tier = SqlCacheTier(engine, max_total_bytes=1 << 20)
+            await tier.put([CacheWrite("a", "n" * 200, b"\x00\xff" * 50, 1000.25, 1060.125), CacheWrite("b", "ns", b"old", 1000.0, 1060.0)])
+            await tier.put([CacheWrite("b", "other", b"", 1001.5, 1e12)])  # replaces b
+            columns = (CacheEntry.key, CacheEntry.namespace, CacheEntry.body, CacheEntry.size, CacheEntry.created_at, CacheEntry.expires_at)
+            async with engine.connect() as conn:
+                return [tuple(r) for r in (await conn.execute(select(*columns).order_by(CacheEntry.key))).all()]
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(run()) == [("a", "n" * 128, b"\x00\xff" * 50, 100, 1000.25, 1060.125), ("b", "other", b"", 0, 1001.5, 1e12)]
+    with sqlite3.connect(url.removeprefix("sqlite+aiosqlite:///")) as conn:
+        stored = conn.execute("SELECT DISTINCT typeof(body), typeof(size), typeof(created_at), typeof(expires_at) FROM cache_entries").fetchall()
+    assert stored == [("blob", "integer", "real", "real")]
+
+
 def test_response_cache_writes_in_the_background_and_reads_through() -> None:
     url = _sqlite_url()
 
@@ -348,6 +371,8 @@ def test_response_cache_writes_in_the_background_and_reads_through() -> None:
 
 class BlockingTier:
     """A persistent tier whose reads wait until the test lets them finish."""
+
+    write_delay_s = 0.05
 
     def __init__(self) -> None:
         self.release = asyncio.Event()

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from app.metrics import Metrics
 from app.storage.db import create_engine
@@ -187,6 +187,37 @@ async def test_a_row_the_database_refuses_does_not_sink_its_batch(sqlite_url: st
     assert found[1][1] == "r" * 200
     assert metrics.registry.get_sample_value("admiral_request_log_dropped_total") == 1
     await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_sqlite_rows_are_stored_as_sqlalchemy_stores_them(tmp_path: Path) -> None:
+    # on SQLite the writer hands the driver plain tuples; the same rows inserted through SQLAlchemy must be stored alike
+    ts = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    rows = [
+        row(request_id="a", ts=ts, upstream_ms=None, ttft_ms=0.1, dedupe="leader"),
+        row(request_id="b", ts=ts.replace(microsecond=0), stream=True, latency_ms=7, prompt="p\x00ü", completion="", route="r" * 300),
+    ]
+    for name in ("writer", "sqlalchemy"):
+        url = f"sqlite+aiosqlite:///{tmp_path}/{name}.db"
+        await asyncio.to_thread(upgrade_to_head, url)
+        engine = create_engine(url)
+        if name == "writer":
+            writer = RequestLogWriter(engine, Metrics())
+            for r in rows:
+                writer.submit(dict(r))
+            await writer.close()
+        else:
+            async with engine.begin() as conn:
+                await conn.execute(insert(RequestLog), [dict(r, route=r["route"][:200]) for r in rows])
+        await engine.dispose()
+    stored, expected = ([[(type(v), v) for v in r] for r in _db_rows(f"{tmp_path}/{name}.db")] for name in ("writer", "sqlalchemy"))
+    assert stored == expected
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/writer.db")
+    async with engine.connect() as conn:
+        found = (await conn.execute(select(RequestLog.ts, RequestLog.stream, RequestLog.latency_ms, RequestLog.prompt).order_by(RequestLog.id))).all()
+    await engine.dispose()
+    # SQLite keeps no time zone: a UTC time comes back naive
+    assert [tuple(r) for r in found] == [(ts.replace(tzinfo=None), False, 12.5, None), (ts.replace(tzinfo=None, microsecond=0), True, 7.0, "p\x00ü")]
 
 
 @pytest.mark.asyncio

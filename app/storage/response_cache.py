@@ -29,10 +29,6 @@ log = logging.getLogger("admiral.cache")
 MAX_PENDING_BYTES = 32 * 1024 * 1024
 #: entries per persistent write (one transaction)
 WRITE_BATCH = 256
-#: the writer waits this long after the first pending entry, so writes go in batches: a flush
-#: disturbs the loop for a while whatever its size (measured: 50 ms between flushes made a lone
-#: client's requests 40 % slower); reads in this process see pending entries meanwhile
-WRITE_DELAY_S = 1.0
 _WARN_EVERY_S = 60.0
 
 
@@ -220,7 +216,8 @@ class ResponseCache:
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
-            await asyncio.sleep(WRITE_DELAY_S)
+            # the tier says how long to gather writes after the first pending one, so they go in batches
+            await asyncio.sleep(self.tier.write_delay_s)
             self._wake.clear()
             await self.flush()
 
