@@ -185,7 +185,7 @@ def test_alert_rules_pass_promtool() -> None:
     promtool = _need("promtool")
     r = subprocess.run([promtool, "check", "rules", str(ROOT / "prometheus" / "alerts.yml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 5 rules found" in r.stdout + r.stderr
+    assert "SUCCESS: 6 rules found" in r.stdout + r.stderr
     r = subprocess.run([promtool, "check", "config", str(ROOT / "prometheus" / "prometheus.yml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -266,5 +266,5 @@ def test_dashboard_queries_return_data_on_a_real_prometheus(upstream: FakeUpstre
         # stricter than the checker: every panel shows at least one real number (no NaN-only quantiles)
         assert not panels_without_numbers(prom), r.stdout
         rules = httpx.get(f"{prom}/api/v1/rules").json()["data"]["groups"]
-        assert {rule["name"] for g in rules for rule in g["rules"]} == {"AdmiralCacheDegraded", "AdmiralBackendDown", "AdmiralAllBackendsDown", "AdmiralHighErrorRate", "AdmiralRateLimiting"}
+        assert {rule["name"] for g in rules for rule in g["rules"]} == {"AdmiralCacheDegraded", "AdmiralBackendDown", "AdmiralAllBackendsDown", "AdmiralHighErrorRate", "AdmiralRateLimiting", "AdmiralStateDegraded"}
         assert all(rule["health"] == "ok" for g in rules for rule in g["rules"]), json.dumps(rules)

@@ -224,15 +224,16 @@ class ChatCompletions:
         self._max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = self._ids.assign(scope)
+        head = _Head(scope["headers"])
+        request_id = self._ids.of(head.request_id)
         answer: Response | JSONBytes
         if scope["method"] != "POST":
             answer = error_response(method_not_allowed(scope["method"], PATH, "POST"))
-        elif declared_too_large(scope, self._max_body_bytes):
+        elif declared_too_large(head.content_length, self._max_body_bytes):
             answer = error_response(too_large(self._max_body_bytes))
         else:
             try:
-                answer = await _answer(self._app.state.services, request_id, scope, receive, self._max_body_bytes)
+                answer = await _answer(self._app.state.services, request_id, head, receive, self._max_body_bytes)
             except Exception:
                 log.exception("unhandled error on POST %s", PATH)
                 answer = error_response(GatewayError("The gateway hit an internal error."))
@@ -240,16 +241,33 @@ class ChatCompletions:
         await answer(scope, receive, send)
 
 
-async def _answer(services: Services, request_id: str, scope: Scope, receive: Receive, max_body_bytes: int) -> Response | JSONBytes:
+class _Head:
+    """The request headers the lane reads, found in one pass (the first of each counts)."""
+
+    __slots__ = ("authorization", "cache_control", "content_length", "content_type", "request_id")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.request_id: bytes | None = None
+        self.content_length: bytes | None = None
+        self.authorization: str | None = None
+        self.content_type: str | None = None
+        self.cache_control: str | None = None
+        for name, value in reversed(headers):
+            if name == b"authorization":
+                self.authorization = value.decode("latin-1")
+            elif name == b"content-type":
+                self.content_type = value.decode("latin-1")
+            elif name == b"content-length":
+                self.content_length = value
+            elif name == b"cache-control":
+                self.cache_control = value.decode("latin-1")
+            elif name == b"x-request-id":
+                self.request_id = value
+
+
+async def _answer(services: Services, request_id: str, head: _Head, receive: Receive, max_body_bytes: int) -> Response | JSONBytes:
     recorder = services.recorder
-    authorization = content_type = cache_control = None
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = authorization or value.decode("latin-1")
-        elif name == b"content-type":
-            content_type = content_type or value.decode("latin-1")
-        elif name == b"cache-control":
-            cache_control = cache_control or value.decode("latin-1")
+    authorization, content_type, cache_control = head.authorization, head.content_type, head.cache_control
     ctx = RequestContext(request_id=request_id, authorization=authorization)
     recorder.start()
     chat: ChatRequest | None = None
@@ -271,7 +289,7 @@ async def _answer(services: Services, request_id: str, scope: Scope, receive: Re
                 payload = orjson.dumps(result.body if result.body is not None else await _collect(result.chunks))  # type: ignore[arg-type]
             watcher.stop()
             recorder.finish(chat, ctx, 200, _content_of(payload) if recorder.log_content else None)
-            return JSONBytes(payload, _headers(ctx))
+            return JSONBytes(payload, [(name.encode(), value.encode("latin-1")) for name, value in _headers(ctx).items()])
         chunks = result.chunks if result.chunks is not None else chunks_from_completion(result.complete_body() or {})
         first = await anext(chunks, None)
         if first is None:
@@ -333,10 +351,9 @@ class JSONBytes:
 
     __slots__ = ("body", "raw_headers")
 
-    def __init__(self, payload: bytes, headers: dict[str, str]) -> None:
+    def __init__(self, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.body = payload
-        self.raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        self.raw_headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+        self.raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})

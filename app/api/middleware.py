@@ -28,17 +28,17 @@ class RequestIds:
 
     def assign(self, scope: Scope) -> str:
         """The request's id, also put in ``scope["state"]["request_id"]``."""
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _VALID_ID.match(candidate):
-                    request_id = candidate
-                break
-        if not request_id:
-            request_id = f"{self._prefix}{next(self._counter):016x}"
+        request_id = self.of(next((value for name, value in scope["headers"] if name == b"x-request-id"), None))
         scope.setdefault("state", {})["request_id"] = request_id
         return request_id
+
+    def of(self, header: bytes | None) -> str:
+        """The client's ``x-request-id`` value when it is sane, else a new id."""
+        if header is not None:
+            candidate = header.decode("latin-1")
+            if _VALID_ID.match(candidate):
+                return candidate
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 class RequestIdMiddleware:
@@ -66,15 +66,14 @@ def too_large(max_bytes: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"Request body exceeds the gateway's limit of {max_bytes} bytes.")
 
 
-def declared_too_large(scope: Scope, max_bytes: int) -> bool:
-    """Whether the request's Content-Length is over ``max_bytes`` (a malformed one is left to the server)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value) > max_bytes
-            except ValueError:
-                return False
-    return False
+def declared_too_large(content_length: bytes | None, max_bytes: int) -> bool:
+    """Whether a Content-Length value is over ``max_bytes`` (a malformed one is left to the server)."""
+    if content_length is None:
+        return False
+    try:
+        return int(content_length) > max_bytes
+    except ValueError:
+        return False
 
 
 class BodyLimitMiddleware:
@@ -88,7 +87,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        if declared_too_large(scope, self.max_bytes):
+        if declared_too_large(next((value for name, value in scope["headers"] if name == b"content-length"), None), self.max_bytes):
             await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": orjson.dumps(too_large(self.max_bytes).body())})
             return
