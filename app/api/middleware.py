@@ -26,12 +26,6 @@ class RequestIds:
         self._prefix = os.urandom(8).hex()
         self._counter = itertools.count()
 
-    def assign(self, scope: Scope) -> str:
-        """The request's id, also put in ``scope["state"]["request_id"]``."""
-        request_id = self.of(next((value for name, value in scope["headers"] if name == b"x-request-id"), None))
-        scope.setdefault("state", {})["request_id"] = request_id
-        return request_id
-
     def of(self, header: bytes | None) -> str:
         """The client's ``x-request-id`` value when it is sane, else a new id."""
         if header is not None:
@@ -52,7 +46,8 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = (b"x-request-id", self.ids.assign(scope).encode())
+        request_id = self.ids.of(next((value for name, value in scope["headers"] if name == b"x-request-id"), None))
+        header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
