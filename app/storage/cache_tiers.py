@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import Insert, Table, delete, func, select
+from sqlalchemy import Insert, Table, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 _TABLE = cast(Table, CacheEntry.__table__)
 #: rows deleted per statement when the sweep evicts (keeps bound parameters within limits)
 _EVICT_BATCH = 500
-_SQLITE_READ = "SELECT body, expires_at FROM cache_entries WHERE key = ? AND expires_at > ?"
+#: one entry by key, unless expired; built once (the SQLite reader runs its compiled text)
+_READ = select(_TABLE.c.body, _TABLE.c.expires_at).where(_TABLE.c.key == bindparam("key"), _TABLE.c.expires_at > bindparam("now"))
 _EXPIRES_AT = struct.Struct(">d")
 
 
@@ -93,6 +94,9 @@ class SqlCacheTier:
         database = engine.url.database
         # SQLite reads skip the async pool: a connection of their own on a thread of its own
         self._reader = SqliteReader(database) if self._dialect == "sqlite" and database and database != ":memory:" else None
+        read = _READ.compile(dialect=engine.dialect)
+        assert read.positiontup in (None, ["key", "now"]), "the reader passes (key, now) in that order"
+        self._read_sql = str(read)
         # built once: making the statement costs more than running it on a small batch
         self._upsert = _upsert(self._dialect)
         # SQLite: batches skip SQLAlchemy's per-value processing, which would run on the event loop
@@ -105,11 +109,10 @@ class SqlCacheTier:
     async def get_entry(self, key: str, now: float) -> tuple[bytes, float] | None:
         """The entry's bytes and expiry time when present and not expired at ``now``."""
         if self._reader is not None:
-            row = await self._reader.fetchone(_SQLITE_READ, (key, now))
+            row = await self._reader.fetchone(self._read_sql, (key, now))
         else:
-            query = select(_TABLE.c.body, _TABLE.c.expires_at).where(_TABLE.c.key == key, _TABLE.c.expires_at > now)
             async with self._engine.connect() as conn:
-                row = (await conn.execute(query)).one_or_none()
+                row = (await conn.execute(_READ, {"key": key, "now": now})).one_or_none()
         return (bytes(row[0]), float(row[1])) if row is not None else None
 
     async def put(self, entries: Sequence[CacheWrite]) -> None:
