@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("admiral.api")
 
 #: nginx and other proxies must not buffer the event stream
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _DONE = b"data: [DONE]\n\n"
 CLIENT_CLOSED = 499
 #: nesting orjson can write back (it reads deeper)
@@ -89,12 +89,13 @@ def _header_value(text: str) -> str:
     return text if text.isascii() and text.isprintable() else quote(text, safe="/:@!$&'()*+,;=~")
 
 
-def _headers(ctx: RequestContext) -> dict[str, str]:
-    headers = {"x-admiral-cache": ctx.cache_status, "x-admiral-route": _header_value(ctx.route)}
+def _headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """The ``x-admiral-*`` response headers, as ASGI sends them."""
+    headers = [(b"x-admiral-cache", ctx.cache_status.encode()), (b"x-admiral-route", _header_value(ctx.route).encode("latin-1"))]
     if ctx.backend:
-        headers["x-admiral-backend"] = ctx.backend
+        headers.append((b"x-admiral-backend", ctx.backend.encode("latin-1")))
     if ctx.dedupe_role:
-        headers["x-admiral-dedupe"] = ctx.dedupe_role
+        headers.append((b"x-admiral-dedupe", ctx.dedupe_role.encode()))
     return headers
 
 
@@ -154,9 +155,11 @@ async def _collect(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
 class SSEResponse(Response):
     """Relays chunks as they arrive; a client that leaves cancels the upstream side at once."""
 
-    def __init__(self, first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], include_usage: bool, headers: dict[str, str], on_finish: Callable[[int, str | None], None]) -> None:
-        super().__init__(status_code=200, headers={**_SSE_HEADERS, **headers}, media_type="text/event-stream")
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+    def __init__(
+        self, first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], include_usage: bool, headers: list[tuple[bytes, bytes]], on_finish: Callable[[int, str | None], None]
+    ) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.raw_headers = [*(h for h in self.raw_headers if h[0] != b"content-length"), *_SSE_HEADERS, *headers]
         self._first = first
         self._rest = rest
         self._include_usage = include_usage
@@ -289,7 +292,7 @@ async def _answer(services: Services, request_id: str, head: _Head, receive: Rec
                 payload = orjson.dumps(result.body if result.body is not None else await _collect(result.chunks))  # type: ignore[arg-type]
             watcher.stop()
             recorder.finish(chat, ctx, 200, _content_of(payload) if recorder.log_content else None)
-            return JSONBytes(payload, [(name.encode(), value.encode("latin-1")) for name, value in _headers(ctx).items()])
+            return JSONBytes(payload, _headers(ctx))
         chunks = result.chunks if result.chunks is not None else chunks_from_completion(result.complete_body() or {})
         first = await anext(chunks, None)
         if first is None:
