@@ -106,6 +106,15 @@ def roles(responses: list[httpx.Response] | list[httpx.Headers]) -> Counter[str 
     return Counter((r.headers if isinstance(r, httpx.Response) else r).get("x-admiral-dedupe") for r in responses)
 
 
+def assert_one_shared_answer(responses: list[httpx.Response], upstream: FakeUpstream, count: int) -> None:
+    """``count`` equal 200s from one upstream call to backend ``up``: one leader, the others followers."""
+    assert [r.status_code for r in responses] == [200] * count
+    assert len({r.content for r in responses}) == 1
+    assert upstream.calls == 1
+    assert roles(responses) == {"leader": 1, "follower": count - 1}
+    assert all(r.headers["x-admiral-backend"] == "up" for r in responses)
+
+
 def test_twenty_concurrent_identical_requests_make_one_call(upstream: FakeUpstream) -> None:
     upstream.behaviour = "slow:1.5"
     with gateway(config(upstream)) as gw:
@@ -115,11 +124,7 @@ def test_twenty_concurrent_identical_requests_make_one_call(upstream: FakeUpstre
                 return await asyncio.gather(*(post(client, gw, chat()) for _ in range(20)))
 
         responses = asyncio.run(run())
-        assert [r.status_code for r in responses] == [200] * 20
-        assert len({r.content for r in responses}) == 1
-        assert upstream.calls == 1
-        assert roles(responses) == {"leader": 1, "follower": 19}
-        assert all(r.headers["x-admiral-backend"] == "up" for r in responses)
+        assert_one_shared_answer(responses, upstream, 20)
         assert coalesced(gw) == 19
         no_flights_left(gw)
 
