@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.config import Settings
 from app.state import StateStore
 from app.storage.db import BulkInsert
+from app.storage.key_filter import StoredKeys
 from app.storage.models import CacheEntry
 from app.storage.sqlite_reader import SqliteReader
 
@@ -92,8 +93,10 @@ class SqlCacheTier:
         # that much was not pinned down); reads in this process see pending entries meanwhile
         self.write_delay_s = 1.0 if self._dialect == "sqlite" else 0.05
         database = engine.url.database
-        # SQLite reads skip the async pool: a connection of their own on a thread of its own
+        # SQLite reads skip the async pool: a connection of their own on a thread of its own, and a
+        # key the table cannot hold is not read at all
         self._reader = SqliteReader(database) if self._dialect == "sqlite" and database and database != ":memory:" else None
+        self._stored = StoredKeys(self._reader, _TABLE.name) if self._reader is not None else None
         read = _READ.compile(dialect=engine.dialect)
         assert read.positiontup in (None, ["key", "now"]), "the reader passes (key, now) in that order"
         self._read_sql = str(read)
@@ -109,6 +112,9 @@ class SqlCacheTier:
     async def get_entry(self, key: str, now: float) -> tuple[bytes, float] | None:
         """The entry's bytes and expiry time when present and not expired at ``now``."""
         if self._reader is not None:
+            assert self._stored is not None
+            if not await self._stored.may_hold(key):
+                return None
             row = await self._reader.fetchone(self._read_sql, (key, now))
         else:
             async with self._engine.connect() as conn:
@@ -129,6 +135,8 @@ class SqlCacheTier:
             else:
                 await conn.execute(delete(_TABLE).where(_TABLE.c.key.in_([r["key"] for r in rows])))
                 await conn.execute(_TABLE.insert(), rows)
+        if self._stored is not None:
+            self._stored.add(e.key for e in entries)
 
     async def sweep(self, now: float) -> int:
         async with self._engine.begin() as conn:
@@ -148,10 +156,14 @@ class SqlCacheTier:
                         break
                 await conn.execute(delete(_TABLE).where(_TABLE.c.key.in_(victims)))
                 removed += len(victims)
+        if removed and self._stored is not None:
+            await self._stored.rebuild()  # forget the deleted keys
         return removed
 
     async def aclose(self) -> None:
         # the engine belongs to Services, which disposes of it; the reader is ours
+        if self._stored is not None:
+            await self._stored.aclose()
         if self._reader is not None:
             await self._reader.aclose()
 

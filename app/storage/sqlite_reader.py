@@ -1,4 +1,4 @@
-"""Point reads from a SQLite file on a thread of its own, handed back to the loop in batches."""
+"""Reads from a SQLite file on a thread of its own, handed back to the loop in batches."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ import asyncio
 import queue
 import sqlite3
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-#: one read: the statement, its parameters, and the future its row goes to
-_Job = tuple[str, tuple[Any, ...], asyncio.Future[Any]]
+T = TypeVar("T")
+#: one read: what to run with the connection, and the future its result goes to
+_Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 #: rows (or errors) for the loop to hand out, one call for a whole batch
 _Results = list[tuple[asyncio.Future[Any], Any, BaseException | None]]
 
 
 class SqliteReader:
-    """One read-only connection, used only by its thread; ``fetchone`` awaits a row from it.
+    """One read-only connection, used only by its thread; ``call`` awaits a function run with it.
 
     The thread takes every read queued since it last looked, runs them, and wakes the loop once
     for all of them: with many requests in flight, a read costs the loop a future and a queue put
@@ -30,14 +32,18 @@ class SqliteReader:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
+        return await self.call(lambda conn: conn.execute(sql, params).fetchone())
+
+    async def call(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """``read(connection)``'s result, run on the reader's thread (it must only read)."""
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._run, name="sqlite-read", daemon=True)
             self._thread.start()
         assert self._loop is not None
         future = self._loop.create_future()
-        self._jobs.put((sql, params, future))
-        return await future
+        self._jobs.put((read, future))
+        return await future  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         thread, self._thread = self._thread, None
@@ -58,9 +64,9 @@ class SqliteReader:
                 for job in batch:
                     if job is None:
                         continue
-                    sql, params, future = job
+                    read, future = job
                     try:
-                        results.append((future, conn.execute(sql, params).fetchone(), None))
+                        results.append((future, read(conn), None))
                     except Exception as exc:  # handed to the waiting reader, which decides
                         results.append((future, None, exc))
                 if results:
