@@ -10,30 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
 
 from app.storage.sqlite_reader import SqliteReader
 
-#: bits set per key; each is a 32-bit slice of the key's hash
+#: bits set per key (double hashing: the two halves of the key's 64-bit hash make them all)
 _HASHES = 4
 #: 16 bits a key with 4 hashes: a key never added looks present ~0.24 % of the time when full
 _BITS_PER_KEY = 16
 _MIN_CAPACITY = 1 << 16
-#: positions are 32-bit slices, so the filter has at most 2**32 bits
+#: positions come from 32-bit halves of the hash, so the filter has at most 2**32 bits
 _MAX_BITS = 1 << 32
+_LOW32 = (1 << 32) - 1
 #: rows a rebuild reads per job of the reader's thread, so reads of entries go on in between
 _CHUNK = 20_000
 
 
-def _hash(key: str) -> int:
-    """256 well-mixed bits of ``key``; a cache key is a SHA-256 hex digest already."""
-    if len(key) == 64:
-        with contextlib.suppress(ValueError):
-            return int(key, 16)
-    return int.from_bytes(hashlib.sha256(key.encode()).digest(), "big")
+def _halves(key: str) -> tuple[int, int]:
+    """Two 32-bit hashes of ``key``: the halves of Python's string hash (SipHash, keyed per
+    process, cached on the string), which is all a filter that lives in one process needs."""
+    h = hash(key)
+    return h & _LOW32, (h >> 32 & _LOW32) | 1
 
 
 class KeyFilter:
@@ -50,20 +49,22 @@ class KeyFilter:
         self._bits = bytearray(bits // 8)
 
     def add(self, key: str) -> None:
-        h, bits, mask = _hash(key), self._bits, self._mask
+        h, step = _halves(key)
+        bits, mask = self._bits, self._mask
         for _ in range(_HASHES):
             pos = h & mask
             bits[pos >> 3] |= 1 << (pos & 7)
-            h >>= 32
+            h += step
         self.count += 1
 
     def may_hold(self, key: str) -> bool:
-        h, bits, mask = _hash(key), self._bits, self._mask
+        h, step = _halves(key)
+        bits, mask = self._bits, self._mask
         for _ in range(_HASHES):
             pos = h & mask
             if not bits[pos >> 3] & (1 << (pos & 7)):
                 return False
-            h >>= 32
+            h += step
         return True
 
     @property
