@@ -17,6 +17,10 @@ from app.config import Settings, load_settings
 from app.services import Services
 
 
+#: the garbage collector's thresholds while the app runs (generation 0, 1, 2)
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
 class GatewayApp(FastAPI):
     """FastAPI, but ``/v1/chat/completions`` goes straight to its own lane (:class:`chat.ChatCompletions`)."""
 
@@ -39,9 +43,16 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> GatewayApp:
         # what exists now lives as long as the app: frozen, every later full collection skips it
         gc.collect()
         gc.freeze()
+        # a collection every 20 000 new objects rather than 700: requests in flight are then seldom
+        # caught alive and promoted, so the older generations (the cache's entries among them) are
+        # rarely traversed. Measured over a minute of cache misses on one core: collections took
+        # 6.7 s (12 %, growing as the cache filled) with the defaults, 0.15 s with these.
+        thresholds = gc.get_threshold()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             yield
         finally:
+            gc.set_threshold(*thresholds)
             gc.unfreeze()  # a process that runs several apps (the tests) can free this one's
             await services.close()
 

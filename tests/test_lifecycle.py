@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.main import GC_THRESHOLDS
 from app.storage.migrate import upgrade_to_head
 from tests.fake_upstream import FakeUpstream
 from tests.hostile import AUTH, HostileUpstream, config, inflight, wait_for
@@ -58,6 +60,15 @@ def test_300_concurrent_requests_against_a_50ms_upstream_all_succeed(up: FakeUps
         assert up.calls == 300
         assert up.peak_inflight > 1  # they really overlapped
         wait_for(lambda: inflight(gw) == 0, what="inflight back to 0")
+
+
+def test_gc_thresholds_are_the_apps_while_it_runs_and_restored_after(up: FakeUpstream) -> None:
+    before = gc.get_threshold()
+    assert before != GC_THRESHOLDS
+    with gateway(config(up)) as gw:
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert httpx.post(f"{gw.base_url}/chat/completions", headers=AUTH, json=_body(0)).status_code == 200
+    assert gc.get_threshold() == before
 
 
 def test_backpressure_beyond_max_concurrency_is_503_with_retry_after() -> None:
