@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for when, busy in (("before", busy_before), ("right after", busy_after)):
         if busy > BUSY:
             bench.warnings.append(f"other work kept the machine {busy:.0%} busy {when} the run")
-    rows = report.ratios(bench.figures)
+    rows = report.ratios(bench.figures, bench.rounds_seen)
     report.print_ratios(rows)
     for warning in bench.warnings:
         print(f"warning: {warning}")
