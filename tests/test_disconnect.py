@@ -120,3 +120,37 @@ def test_many_clients_leaving_at_once(gw: GatewayServer, up: FakeUpstream, settl
     wait_for(lambda: inflight(gw) == 0, what="inflight back to 0")
     wait_for(lambda: gw.call(_task_count()) <= settled, what="no task left behind")
     wait_for(lambda: established_to(up.port) <= connections, what="no upstream connection left behind")
+
+
+# -- the watch itself --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_watch_starts_only_for_requests_that_outlive_a_tick_and_then_cancels_on_disconnect() -> None:
+    from app.api.chat import DisconnectWatch
+
+    left = asyncio.Event()
+    receives = 0
+
+    async def receive() -> dict[str, str]:
+        nonlocal receives
+        receives += 1
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    watch = DisconnectWatch(after_s=0.02)
+    quick_task = asyncio.create_task(asyncio.sleep(10))
+    quick = watch.start(receive, quick_task)
+    quick.stop()  # answered before any tick: never watched
+    slow_task = asyncio.create_task(asyncio.sleep(10))
+    slow = watch.start(receive, slow_task)
+    await asyncio.sleep(0.1)  # two ticks and more: the slow one is watched by now
+    assert receives == 1 and not slow.fired
+    left.set()
+    with pytest.raises(asyncio.CancelledError):
+        await slow_task
+    assert slow.fired and not quick_task.done()
+    slow.stop()
+    quick_task.cancel()
+    await asyncio.sleep(0.05)
+    assert watch._timer is None  # nothing running: no timer ticks (a private field, read only here)
