@@ -103,59 +103,27 @@ def _headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
 WATCH_AFTER_S = 0.05
 
 
-class DisconnectWatch:
-    """Starts watching for a client leaving once its request has run ``after_s`` (up to twice that).
+class DisconnectWatcher:
+    """Cancels ``task`` when the client disconnects, watching from a task started after ``WATCH_AFTER_S``.
 
-    A request answered sooner (a cache hit, a fast backend) costs a set insert and removal: one
-    timer for all requests ticks every ``after_s`` while any are running, and starts a watching
-    task for those that were already running at the tick before. A client that leaves is noticed
-    at most ``2 * after_s`` later than it could be.
+    A request answered sooner (a cache hit, a fast backend) never pays for the task; one whose
+    client leaves is cancelled at most that much later than it could be. The timer itself is set
+    on the loop's next turn, so a request answered without waiting does not even pay for that.
     """
 
-    def __init__(self, after_s: float = WATCH_AFTER_S) -> None:
-        self._after_s = after_s
-        self._young: set[DisconnectWatcher] = set()
-        self._aged: set[DisconnectWatcher] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self, receive: Receive, task: asyncio.Task[Any]) -> DisconnectWatcher:
-        """Watch for the client of ``task`` leaving (which cancels ``task``), from ``after_s`` on."""
-        watcher = DisconnectWatcher(receive, task, self)
-        self._young.add(watcher)
-        loop = asyncio.get_running_loop()
-        if self._timer is None or self._loop is not loop:  # the first request, or a new loop (tests)
-            self._loop = loop
-            self._timer = loop.call_later(self._after_s, self._tick)
-        return watcher
-
-    def forget(self, watcher: DisconnectWatcher) -> None:
-        self._young.discard(watcher)
-        self._aged.discard(watcher)
-
-    def _tick(self) -> None:
-        due, self._aged, self._young = self._aged, self._young, set()
-        for watcher in due:
-            watcher.begin()
-        assert self._loop is not None
-        self._timer = self._loop.call_later(self._after_s, self._tick) if self._aged else None
-
-
-class DisconnectWatcher:
-    """Cancels ``task`` when the client disconnects, once :class:`DisconnectWatch` begins it."""
-
-    __slots__ = ("_receive", "_task", "_watch", "_watcher")
-
-    def __init__(self, receive: Receive, task: asyncio.Task[Any], watch: DisconnectWatch) -> None:
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         self._receive = receive
         self._task = task
-        self._watch = watch
         self._watcher: asyncio.Task[None] | None = None
+        self._start: asyncio.Handle = asyncio.get_running_loop().call_soon(self._arm)
 
-    def begin(self) -> None:
-        self._watcher = asyncio.create_task(self._watching())
+    def _arm(self) -> None:
+        self._start = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._begin)
 
-    async def _watching(self) -> None:
+    def _begin(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
@@ -168,7 +136,7 @@ class DisconnectWatcher:
         return self._watcher is not None and self._watcher.done() and not self._watcher.cancelled()
 
     def stop(self) -> None:
-        self._watch.forget(self)
+        self._start.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
 
@@ -188,13 +156,7 @@ class SSEResponse(Response):
     """Relays chunks as they arrive; a client that leaves cancels the upstream side at once."""
 
     def __init__(
-        self,
-        first: dict[str, Any],
-        rest: AsyncIterator[dict[str, Any]],
-        include_usage: bool,
-        headers: list[tuple[bytes, bytes]],
-        on_finish: Callable[[int, str | None], None],
-        watch: DisconnectWatch,
+        self, first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], include_usage: bool, headers: list[tuple[bytes, bytes]], on_finish: Callable[[int, str | None], None]
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.raw_headers = [*(h for h in self.raw_headers if h[0] != b"content-length"), *_SSE_HEADERS, *headers]
@@ -202,7 +164,6 @@ class SSEResponse(Response):
         self._rest = rest
         self._include_usage = include_usage
         self._on_finish = on_finish
-        self._watch = watch
 
     def _encode(self, chunk: dict[str, Any]) -> bytes | None:
         if self._include_usage or "usage" not in chunk:
@@ -214,7 +175,7 @@ class SSEResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watcher = self._watch.start(receive, task)
+        watcher = DisconnectWatcher(receive, task)
         status = 200
         text: list[str] = []
         try:
@@ -264,7 +225,6 @@ class ChatCompletions:
         self._app = app
         self._ids = ids
         self._max_body_bytes = max_body_bytes
-        self._watch = DisconnectWatch()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         head = _Head(scope["headers"])
@@ -276,7 +236,7 @@ class ChatCompletions:
             answer = error_response(too_large(self._max_body_bytes))
         else:
             try:
-                answer = await _answer(self._app.state.services, request_id, head, receive, self._max_body_bytes, self._watch)
+                answer = await _answer(self._app.state.services, request_id, head, receive, self._max_body_bytes)
             except Exception:
                 log.exception("unhandled error on POST %s", PATH)
                 answer = error_response(GatewayError("The gateway hit an internal error."))
@@ -308,7 +268,7 @@ class _Head:
                 self.request_id = value
 
 
-async def _answer(services: Services, request_id: str, head: _Head, receive: Receive, max_body_bytes: int, watch: DisconnectWatch) -> Response | JSONBytes:
+async def _answer(services: Services, request_id: str, head: _Head, receive: Receive, max_body_bytes: int) -> Response | JSONBytes:
     recorder = services.recorder
     authorization, content_type, cache_control = head.authorization, head.content_type, head.cache_control
     ctx = RequestContext(request_id=request_id, authorization=authorization)
@@ -324,7 +284,7 @@ async def _answer(services: Services, request_id: str, head: _Head, receive: Rec
         raw = await _read_body(receive, max_body_bytes)
         chat = ChatRequest(parse_body(raw), raw)
         ctx.cache_read, ctx.cache_write = _cache_directives(cache_control)
-        watcher = watch.start(receive, task)
+        watcher = DisconnectWatcher(receive, task)
         result: ChatResult = await services.pipeline(chat, ctx)
         if not chat.stream:
             payload = result.encoded
@@ -339,7 +299,7 @@ async def _answer(services: Services, request_id: str, head: _Head, receive: Rec
             raise UpstreamBadResponseError(f"{ctx.backend or 'the backend'} sent an empty stream")
         watcher.stop()
         request_ctx, request_chat = ctx, chat
-        return SSEResponse(first, chunks, chat.include_usage, _headers(ctx), lambda status, text: recorder.finish(request_chat, request_ctx, status, text), watch)
+        return SSEResponse(first, chunks, chat.include_usage, _headers(ctx), lambda status, text: recorder.finish(request_chat, request_ctx, status, text))
     except GatewayError as exc:
         return _failed(recorder, chat, ctx, exc)
     except UNAVAILABLE as exc:
