@@ -1,0 +1,106 @@
+"""Instructions per request under callgrind: a repeatable figure for A/B changes on a noisy machine.
+
+``python bench/instructions.py [--requests 1000] [--hits] [--tree PATH ...] [--passthrough]``
+
+Wall-clock figures on a shared VM drift by ±20 % from one minute to the next; valgrind's
+callgrind counts the instructions a process runs instead, the same for the same code and
+load (1.383 and 1.388 M per cache miss for one tree, two runs). It starts nginx and each server
+under ``valgrind --tool=callgrind`` with counting off, warms it up with 300 requests, counts
+``--requests`` requests of the cache-miss (or ``--hits``) workload from wrk with 10 connections,
+and prints instructions per request. Each ``--tree`` is a checkout of this repository (run with
+``PYTHONPATH=tree``), so two versions can be compared in one go; without one, the installed
+gateway. What it cannot see: time in the kernel (system calls, page faults, context switches)
+and waiting, so a change that saves those shows in ``run.py``, not here. Needs valgrind
+(``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import servers
+import tools
+from load import Workload, wrk
+from procs import CpuPlan, Server, free_port
+from upstream import nginx_server
+
+WARMUP_REQUESTS = 300
+CONNECTIONS = 10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests counted per server (default 1000)")
+    parser.add_argument("--hits", action="store_true", help="one fixed prompt (cache hits) instead of unique ones")
+    parser.add_argument("--tree", action="append", default=[], type=Path, help="a checkout of this repository to measure (repeatable)")
+    parser.add_argument("--passthrough", action="store_true", help="also measure the FastAPI + aiohttp passthrough")
+    return parser.parse_args(argv)
+
+
+def under_callgrind(server: Server, out: Path) -> Server:
+    """``server`` with its interpreter run by callgrind, counting nothing until told to."""
+    # children traced: the gateway's command may be a script that execs the interpreter
+    tool = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes", f"--callgrind-out-file={out}"]
+    at = 3 if server.cmd[0] == "taskset" else 0  # after "taskset -c CPUS"
+    server.cmd = [*server.cmd[:at], *tool, *server.cmd[at:]]
+    return server
+
+
+def per_request(server: Server, out: Path, work: Workload, requests: int, cpus: str | None) -> float:
+    """Instructions the server ran per request for ``requests`` requests, counted after a warm-up."""
+    server.start(timeout=300)
+    try:
+        wrk(server.port, work, connections=CONNECTIONS, duration=120, cpus=cpus, stop_after=WARMUP_REQUESTS)
+        # one server runs under callgrind at a time, so these reach it (and only it)
+        subprocess.run(["callgrind_control", "--instr=on"], check=True, capture_output=True)
+        done = wrk(server.port, work, connections=CONNECTIONS, duration=600, cpus=cpus, stop_after=requests)
+        subprocess.run(["callgrind_control", "--dump"], check=True, capture_output=True)
+    finally:
+        server.stop()
+    dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda p: int(p.suffix[1:]))
+    total = int(re.search(r"^summary: (\d+)$", dumps[0].read_text(), re.M).group(1))  # type: ignore[union-attr]
+    return total / max(done.requests, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
+        sys.exit("bench: valgrind is not installed (apt-get install valgrind)")
+    tools.ensure_system_tools()
+    plan = CpuPlan.detect()
+    workdir = Path(tempfile.mkdtemp(prefix="admiral-instructions-"))
+    wrapper = workdir / "gateway-from-tree"
+    wrapper.write_text(f'#!/bin/sh\nexec env PYTHONPATH="$BENCH_TREE" {sys.executable} -c "import sys; from app.cli import main; sys.exit(main())" "$@"\n')
+    wrapper.chmod(0o755)
+    kind = "cache hits" if args.hits else "cache misses"
+    print(f"bench: instructions per request, {kind}, {args.requests} requests at c={CONNECTIONS} after {WARMUP_REQUESTS} unmeasured", flush=True)
+    with nginx_server(workdir, free_port(), plan.load) as upstream:
+        runs: list[tuple[str, Server, Workload]] = []
+        if args.passthrough:
+            runs.append(("passthrough", servers.passthrough(workdir, upstream.port, plan.server), Workload("bench", not args.hits)))
+        trees = args.tree or [None]
+        for i, tree in enumerate(trees):
+            if tree is not None:
+                os.environ["BENCH_TREE"] = str(tree.resolve())
+            command = str(wrapper) if tree is not None else tools.gateway_command()
+            if command is None:
+                sys.exit("bench: admiral-optimizer is not installed (pip install -e .) and no --tree was given")
+            server = servers.gateway(command, workdir, upstream.port, plan.server, name=f"gateway-{i}")
+            runs.append((str(tree or "gateway (installed)"), server, Workload("bench", not args.hits, servers.GATEWAY_KEY)))
+        for i, (label, server, work) in enumerate(runs):
+            count = per_request(under_callgrind(server, workdir / f"callgrind-{i}.out"), workdir / f"callgrind-{i}.out", work, args.requests, plan.load)
+            print(f"  {label:<60} {count / 1e6:8.3f} M instructions per request", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
