@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -73,6 +73,20 @@ def path_of(url: str) -> str:
     return url.removeprefix("sqlite+aiosqlite:///")
 
 
+def on_a_tier(body: Callable[[SqlCacheTier, Reads, list[float], str], Awaitable[None]]) -> None:
+    """``body(tier, reads, clock, url)`` on a fresh SQLite file: the tier's reads counted, its filter
+    on a clock that stands still until the test moves it."""
+    url = _sqlite_url()
+
+    async def run() -> None:
+        clock = [0.0]
+        async with open_tier(url, clock) as tier:
+            assert tier._reader is not None
+            await body(tier, Reads(tier._reader), clock, url)
+
+    asyncio.run(run())
+
+
 # -- the Bloom filter ---------------------------------------------------------------------------
 
 
@@ -85,7 +99,7 @@ def test_key_filter_holds_every_key_added_and_few_others() -> None:
     assert keys.count == keys.capacity and not keys.full
     assert all(keys.may_hold(k) for k in added)  # no false negatives
     false_positives = sum(keys.may_hold(key(f"out-{i}")) for i in range(100_000))
-    assert false_positives < 1_000  # under 1 % at capacity (about 0.24 % expected)
+    assert false_positives < 1_000  # under 1 % at capacity (about 0.25 % expected)
     keys.add(key("one more"))
     assert keys.full
 
@@ -99,36 +113,26 @@ def test_key_filter_capacity_is_at_least_asked(capacity: int) -> None:
 
 
 def test_misses_do_not_read_the_file_and_entries_are_still_found() -> None:
-    url = _sqlite_url()
+    async def body(tier: SqlCacheTier, reads: Reads, clock: list[float], url: str) -> None:
+        stored = [key(f"stored-{i}") for i in range(20)]
+        await tier.put([entry(k, expires_at=1060.0) for k in stored])
+        assert await tier.get(stored[0], 1001.0) == stored[0].encode()  # builds the filter from the table
+        entries = reads.entries
+        for i in range(1000):
+            assert await tier.get(key(f"absent-{i}"), 1001.0) is None
+        assert reads.entries == entries  # not one entry read for a key never stored
+        for k in stored:
+            assert await tier.get(k, 1059.9) == k.encode()
+        assert await tier.get(stored[1], 1060.0) is None  # expired, before any sweep
+        assert await tier.get("missing", 1001.0) is None  # a key of another form
+        assert reads.entries == entries + len(stored) + 1
 
-    async def run() -> None:
-        async with open_tier(url) as tier:
-            assert tier._reader is not None
-            reads = Reads(tier._reader)
-            stored = [key(f"stored-{i}") for i in range(20)]
-            await tier.put([entry(k, expires_at=1060.0) for k in stored])
-            assert await tier.get(stored[0], 1001.0) == stored[0].encode()  # builds the filter from the table
-            entries = reads.entries
-            for i in range(1000):
-                assert await tier.get(key(f"absent-{i}"), 1001.0) is None
-            assert reads.entries == entries  # not one entry read for a key never stored
-            for k in stored:
-                assert await tier.get(k, 1059.9) == k.encode()
-            assert await tier.get(stored[1], 1060.0) is None  # expired, before any sweep
-            assert await tier.get("missing", 1001.0) is None  # a key of another form
-            assert reads.entries == entries + len(stored) + 1
-
-    asyncio.run(run())
+    on_a_tier(body)
 
 
 def test_another_process_entries_are_found_once_refresh_s_passed() -> None:
-    url = _sqlite_url()
-
-    async def run() -> None:
-        clock = [0.0]
-        async with open_tier(url, clock) as tier, open_tier(url) as other:  # other: another worker process
-            assert tier._reader is not None
-            reads = Reads(tier._reader)
+    async def body(tier: SqlCacheTier, reads: Reads, clock: list[float], url: str) -> None:
+        async with open_tier(url) as other:  # another worker process
             await tier.put([entry(key("mine-0"))])
             assert await tier.get(key("mine-0"), 1001.0) is not None  # the filter is built at 0
             for n in range(2):
@@ -144,123 +148,91 @@ def test_another_process_entries_are_found_once_refresh_s_passed() -> None:
                 clock[0] += 0.1  # REFRESH_S since the last look
                 assert await tier.get(theirs, 1001.0) == theirs.encode()
 
-    asyncio.run(run())
+    on_a_tier(body)
 
 
-def test_rows_replaced_elsewhere_with_lower_rowids_are_found() -> None:
-    url = _sqlite_url()
-
-    async def run() -> None:
-        clock = [0.0]
-        async with open_tier(url, clock) as tier:
-            assert tier._reader is not None
-            reads = Reads(tier._reader)
-            old = [key(f"old-{i}") for i in range(5)]
-            await tier.put([entry(k) for k in old])
-            assert await tier.get(old[0], 1001.0) is not None  # the filter has seen rowids up to 5
-            new = key("new")
-            with contextlib.closing(sqlite3.connect(path_of(url))) as conn, conn:
-                conn.execute("DELETE FROM cache_entries")
-                cursor = conn.execute("INSERT INTO cache_entries VALUES (?, 'ns', ?, 3, 1000.0, 2000.0)", (new, b"new"))
-                assert cursor.lastrowid == 1
-            clock[0] += REFRESH_S
-            assert await tier.get(new, 1001.0) == b"new"
-            entries = reads.entries
-            for k in old:
-                assert await tier.get(k, 1001.0) is None
-            assert reads.entries == entries  # the filter was built afresh, without the deleted keys
-
-    asyncio.run(run())
-
-
-@pytest.mark.parametrize("case", ["largest row replaced", "emptied then refilled past the rowid seen"])
-def test_new_rows_under_a_reused_rowid_are_found(case: str) -> None:
+@pytest.mark.parametrize(
+    ("where", "added"),
+    [("", 1), (" WHERE rowid = 5", 1), ("", 6)],
+    ids=["emptied, one new row", "largest row replaced", "emptied then refilled past the rowid seen"],
+)
+def test_rows_deleted_elsewhere_whose_rowids_came_back_are_found(where: str, added: int) -> None:
     """Rows deleted elsewhere whose rowids SQLite handed out again before this process looked."""
-    url = _sqlite_url()
 
-    async def run() -> None:
-        clock = [0.0]
-        async with open_tier(url, clock) as tier:
-            await tier.put([entry(key(f"old-{i}")) for i in range(5)])
-            assert await tier.get(key("old-0"), 1001.0) is not None  # the filter has seen rowids up to 5
-            new = [key(f"new-{i}") for i in range(1 if case == "largest row replaced" else 6)]
-            with contextlib.closing(sqlite3.connect(path_of(url))) as conn, conn:
-                conn.execute("DELETE FROM cache_entries WHERE rowid = 5" if case == "largest row replaced" else "DELETE FROM cache_entries")
-                for k in new:
-                    conn.execute("INSERT INTO cache_entries VALUES (?, 'ns', ?, 3, 1000.0, 2000.0)", (k, b"new"))
-            clock[0] += REFRESH_S
-            assert [await tier.get(k, 1001.0) for k in new] == [b"new"] * len(new)
+    async def body(tier: SqlCacheTier, reads: Reads, clock: list[float], url: str) -> None:
+        old = [key(f"old-{i}") for i in range(5)]
+        await tier.put([entry(k) for k in old])
+        assert await tier.get(old[0], 1001.0) is not None  # the filter has seen rowids up to 5
+        new = [key(f"new-{i}") for i in range(added)]
+        with contextlib.closing(sqlite3.connect(path_of(url))) as conn, conn:
+            conn.execute("DELETE FROM cache_entries" + where)
+            for k in new:
+                conn.execute("INSERT INTO cache_entries VALUES (?, 'ns', ?, 3, 1000.0, 2000.0)", (k, b"new"))
+        clock[0] += REFRESH_S
+        assert [await tier.get(k, 1001.0) for k in new] == [b"new"] * added
+        entries = reads.entries
+        for k in old if not where else old[4:]:
+            assert await tier.get(k, 1001.0) is None
+        assert reads.entries == entries  # the filter was built afresh, without the deleted keys
 
-    asyncio.run(run())
+    on_a_tier(body)
 
 
 def test_swept_keys_are_not_read() -> None:
-    url = _sqlite_url()
+    async def body(tier: SqlCacheTier, reads: Reads, clock: list[float], url: str) -> None:
+        short = [key(f"short-{i}") for i in range(10)]
+        long = [key(f"long-{i}") for i in range(10)]
+        await tier.put([entry(k, expires_at=1060.0) for k in short] + [entry(k, expires_at=2000.0) for k in long])
+        assert await tier.get(short[0], 1001.0) is not None  # builds the filter
+        assert await tier.sweep(1061.0) == len(short)
+        entries = reads.entries
+        for k in short:
+            assert await tier.get(k, 1001.0) is None  # gone from the table, so from the filter
+        assert reads.entries == entries
+        for k in long:
+            assert await tier.get(k, 1061.0) == k.encode()
 
-    async def run() -> None:
-        clock = [0.0]
-        async with open_tier(url, clock) as tier:
-            assert tier._reader is not None
-            reads = Reads(tier._reader)
-            short = [key(f"short-{i}") for i in range(10)]
-            long = [key(f"long-{i}") for i in range(10)]
-            await tier.put([entry(k, expires_at=1060.0) for k in short] + [entry(k, expires_at=2000.0) for k in long])
-            assert await tier.get(short[0], 1001.0) is not None  # builds the filter
-            assert await tier.sweep(1061.0) == len(short)
-            entries = reads.entries
-            for k in short:
-                assert await tier.get(k, 1001.0) is None  # gone from the table, so from the filter
-            assert reads.entries == entries
-            for k in long:
-                assert await tier.get(k, 1061.0) == k.encode()
-
-    asyncio.run(run())
+    on_a_tier(body)
 
 
 def test_own_write_while_the_filter_is_first_built_is_found() -> None:
     """A put whose commit lands after the first build read the table, but before the build finished."""
-    url = _sqlite_url()
 
-    async def run() -> None:
-        clock = [0.0]
-        async with open_tier(url, clock) as tier:
-            reader = tier._reader
-            assert reader is not None
-            read_done, release = asyncio.Event(), asyncio.Event()
-            call = reader.call
+    async def body(tier: SqlCacheTier, reads: Reads, clock: list[float], url: str) -> None:
+        reader = tier._reader
+        assert reader is not None
+        read_done, release = asyncio.Event(), asyncio.Event()
+        call = reader.call
 
-            async def held_call(read: Callable[[sqlite3.Connection], Any]) -> Any:
-                result = await call(read)
-                read_done.set()
-                await release.wait()
-                return result
+        async def held_call(read: Callable[[sqlite3.Connection], Any]) -> Any:
+            result = await call(read)
+            read_done.set()
+            await release.wait()
+            return result
 
-            reader.call = held_call  # type: ignore[method-assign]
-            build = asyncio.create_task(tier.get(key("anything"), 1001.0))  # the first use: builds the filter
-            await read_done.wait()
-            reader.call = call  # type: ignore[method-assign]
-            mine = key("mine")
-            await tier.put([entry(mine)])
-            release.set()
-            assert await build is None
-            assert await tier.get(mine, 1001.0) == mine.encode()
+        reader.call = held_call  # type: ignore[method-assign]
+        build = asyncio.create_task(tier.get(key("anything"), 1001.0))  # the first use: builds the filter
+        await read_done.wait()
+        reader.call = call  # type: ignore[method-assign]
+        mine = key("mine")
+        await tier.put([entry(mine)])
+        release.set()
+        assert await build is None
+        assert await tier.get(mine, 1001.0) == mine.encode()
 
-    asyncio.run(run())
+    on_a_tier(body)
 
 
 def test_full_filter_grows_from_the_table() -> None:
-    url = _sqlite_url()
+    async def body(tier: SqlCacheTier, reads: Reads, clock: list[float], url: str) -> None:
+        assert await tier.get(key("anything"), 1001.0) is None  # builds an empty filter
+        stored = tier._stored  # private: the filter's size is not seen otherwise
+        assert stored is not None and stored._filter is not None
+        many = [key(f"many-{i}") for i in range(stored._filter.capacity + 1)]
+        await tier.put([entry(k) for k in many])
+        assert stored._filter.full and stored._growing is not None  # rebuilt in the background
+        await stored._growing
+        assert stored._filter.capacity >= 2 * len(many) and not stored._filter.full
+        assert all(stored._filter.may_hold(k) for k in many)
 
-    async def run() -> None:
-        async with open_tier(url) as tier:
-            assert await tier.get(key("anything"), 1001.0) is None  # builds an empty filter
-            stored = tier._stored  # private: the filter's size is not seen otherwise
-            assert stored is not None and stored._filter is not None
-            many = [key(f"many-{i}") for i in range(stored._filter.capacity + 1)]
-            await tier.put([entry(k) for k in many])
-            assert stored._filter.full and stored._growing is not None  # rebuilt in the background
-            await stored._growing
-            assert stored._filter.capacity >= 2 * len(many) and not stored._filter.full
-            assert all(stored._filter.may_hold(k) for k in many)
-
-    asyncio.run(run())
+    on_a_tier(body)

