@@ -21,7 +21,7 @@ from app.storage.migrate import upgrade_to_head
 from tests.fake_upstream import FakeUpstream
 from tests.hostile import AUTH, HostileUpstream, config, inflight, wait_for
 from tests.serve import NewDatabase, ServeProcess
-from tests.support import GatewayServer, gateway
+from tests.support import GatewayServer, gateway, make_settings
 from tests.tcp_proxy import TcpProxy
 
 
@@ -62,12 +62,19 @@ def test_300_concurrent_requests_against_a_50ms_upstream_all_succeed(up: FakeUps
         wait_for(lambda: inflight(gw) == 0, what="inflight back to 0")
 
 
-def test_gc_thresholds_are_the_apps_while_it_runs_and_restored_after(up: FakeUpstream) -> None:
+def test_gc_thresholds_are_the_apps_while_any_runs_and_restored_after_the_last(up: FakeUpstream) -> None:
     before = gc.get_threshold()
     assert before != GC_THRESHOLDS
-    with gateway(config(up)) as gw:
+    first = GatewayServer(make_settings(config(up))).start()
+    second = GatewayServer(make_settings(config(up))).start()  # two apps in one process, as in tests
+    try:
         assert gc.get_threshold() == GC_THRESHOLDS
-        assert httpx.post(f"{gw.base_url}/chat/completions", headers=AUTH, json=_body(0)).status_code == 200
+        first.stop()  # not in the order they started
+        assert gc.get_threshold() == GC_THRESHOLDS  # the second still runs
+        assert httpx.post(f"{second.base_url}/chat/completions", headers=AUTH, json=_body(0)).status_code == 200
+    finally:
+        first.stop()
+        second.stop()
     assert gc.get_threshold() == before
 
 
