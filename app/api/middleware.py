@@ -46,7 +46,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = self.ids.of(next((value for name, value in scope["headers"] if name == b"x-request-id"), None))
+        request_id = self.ids.of(first_header(scope, b"x-request-id"))
         header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -55,6 +55,11 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def first_header(scope: Scope, name: bytes) -> bytes | None:
+    """The value of the first ``name`` header (lower-case, as ASGI gives names), or None."""
+    return next((value for key, value in scope["headers"] if key == name), None)
 
 
 def too_large(max_bytes: int) -> PayloadTooLargeError:
@@ -82,7 +87,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        if declared_too_large(next((value for name, value in scope["headers"] if name == b"content-length"), None), self.max_bytes):
+        if declared_too_large(first_header(scope, b"content-length"), self.max_bytes):
             await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": orjson.dumps(too_large(self.max_bytes).body())})
             return
