@@ -17,7 +17,6 @@ from app.clock import Clock
 from app.config import Settings, load_settings
 from app.services import Services
 
-
 #: the garbage collector's thresholds while the app runs (generation 0, 1, 2)
 GC_THRESHOLDS = (20_000, 20, 20)
 

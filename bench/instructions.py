@@ -3,8 +3,8 @@
 ``python bench/instructions.py [--requests 1000] [--hits] [--tree PATH ...] [--passthrough]``
 
 Wall-clock figures on a shared VM drift by ±20 % from one minute to the next; valgrind's
-callgrind counts the instructions a process runs instead, the same for the same code and
-load (1.383 and 1.388 M per cache miss for one tree, two runs). It starts nginx and each server
+callgrind counts the instructions a process runs instead, within about 1 % for the same code and
+load (1.349 and 1.365 M per cache miss in two runs). It starts nginx and each server
 under ``valgrind --tool=callgrind`` with counting off, warms it up with 300 requests, counts
 ``--requests`` requests of the cache-miss (or ``--hits``) workload from wrk with 10 connections,
 and prints instructions per request. Each ``--tree`` is a checkout of this repository (run with

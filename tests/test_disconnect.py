@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.api.chat import WATCH_AFTER_S, DisconnectWatcher
 from tests.fake_upstream import FakeUpstream
 from tests.hostile import AGENT_KEY, AUTH, HELLO, config, inflight, metric_sum, wait_for
 from tests.support import GatewayServer, gateway
@@ -127,8 +128,6 @@ def test_many_clients_leaving_at_once(gw: GatewayServer, up: FakeUpstream, settl
 
 @pytest.mark.asyncio
 async def test_watcher_starts_only_for_requests_that_outlive_its_delay_and_then_cancels_on_disconnect() -> None:
-    from app.api.chat import WATCH_AFTER_S, DisconnectWatcher
-
     left = asyncio.Event()
     receives = 0
 
