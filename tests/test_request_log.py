@@ -146,6 +146,27 @@ async def _true(value: bool) -> bool:
     return value
 
 
+def _other_tasks() -> list[str]:
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+
+@pytest.mark.asyncio
+async def test_a_waiting_writer_is_one_task(tmp_path: Path) -> None:
+    """Waiting for rows or for the database to come back adds no task (tests count a loop's tasks)."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/late.db"  # no schema yet: every insert fails
+    engine = create_engine(url)
+    writer = RequestLogWriter(engine, Metrics(), retention_days=None, flush_interval_s=0.02, backoff_s=3600)
+    writer.start()
+    await asyncio.sleep(0.1)  # several flush intervals with nothing to write
+    assert _other_tasks() == ["request-log-writer"]
+    writer.submit(row(request_id="r0"))
+    await eventually(lambda: _true(writer.failures == 1))
+    await asyncio.sleep(0.05)  # backing off
+    assert _other_tasks() == ["request-log-writer"]
+    await writer.close(timeout_s=0.1)
+    await engine.dispose()
+
+
 @pytest.mark.asyncio
 async def test_close_flushes_everything_queued(sqlite_url: str) -> None:
     engine = create_engine(sqlite_url)

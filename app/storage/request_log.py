@@ -151,7 +151,9 @@ class RequestLogWriter:
         backoff = self._backoff_s
         while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval_s)
+                # a timeout, not wait_for: waiting must not create a task each round
+                async with asyncio.timeout(self._flush_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             while not self._closing:
                 self._fill()
@@ -160,7 +162,8 @@ class RequestLogWriter:
                 if not await self._write(self._batch):
                     # keep the batch; new rows wait in the queue (and overflow is counted) meanwhile
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), backoff)
+                        async with asyncio.timeout(backoff):
+                            await self._stop.wait()
                     backoff = min(backoff * 2, self._max_backoff_s)
                     break
                 self._batch = []
