@@ -1,6 +1,6 @@
 """Instructions per request under callgrind: a repeatable figure for A/B changes on a noisy machine.
 
-``python bench/instructions.py [--requests 1000] [--hits] [--tree PATH ...] [--passthrough]``
+``python bench/instructions.py [--requests 1000] [--hits] [--tree PATH ...] [--passthrough] [--constant]``
 
 Wall-clock figures on a shared VM drift by ±20 % from one minute to the next; valgrind's
 callgrind counts the instructions a process runs instead, within about 1 % for the same code and
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hits", action="store_true", help="one fixed prompt (cache hits) instead of unique ones")
     parser.add_argument("--tree", action="append", default=[], type=Path, help="a checkout of this repository to measure (repeatable)")
     parser.add_argument("--passthrough", action="store_true", help="also measure the FastAPI + aiohttp passthrough")
+    parser.add_argument("--constant", action="store_true", help="also measure the FastAPI endpoint returning a constant (the cache hits' baseline)")
     return parser.parse_args(argv)
 
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[tuple[str, Server, Workload]] = []
         if args.passthrough:
             runs.append(("passthrough", servers.passthrough(workdir, upstream.port, plan.server), Workload("bench", not args.hits)))
+        if args.constant:
+            runs.append(("constant endpoint", servers.constant(workdir, plan.server), Workload("bench", unique=False)))
         trees = args.tree or [None]
         for i, tree in enumerate(trees):
             if tree is not None:
