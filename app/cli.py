@@ -54,7 +54,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    common = {"host": host, "port": port, "log_level": args.log_level, "access_log": False, "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": settings.server.shutdown_grace_s}
+    from app.api.transport import CoalescingHttpToolsProtocol
+
+    common = {
+        "host": host,
+        "port": port,
+        "log_level": args.log_level,
+        "access_log": False,
+        "loop": "uvloop",
+        "http": CoalescingHttpToolsProtocol,
+        "timeout_graceful_shutdown": settings.server.shutdown_grace_s,
+    }
     # uvicorn stops gracefully on SIGTERM, then raises it again for the handler it found: with the
     # default one a clean stop would end "killed by SIGTERM" (143) instead of exit status 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 import yaml
 
+from app.api.transport import CoalescingHttpToolsProtocol
 from app.clock import Clock
 from app.config import Settings, build_settings
 from app.main import create_app
@@ -43,7 +44,10 @@ class GatewayServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.url}/v1"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, loop="asyncio", timeout_graceful_shutdown=2))
+        # the HTTP protocol ``admiral-optimizer serve`` runs
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, loop="asyncio", http=CoalescingHttpToolsProtocol, timeout_graceful_shutdown=2)
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 
