@@ -55,6 +55,8 @@ class Services:
     #: limits, breakers, slots and latency shared by the layers; its read API serves /admin/backends
     resilience: Resilience = field(init=False)
     clock: Clock = field(default_factory=Clock)
+    #: the loop the gateway serves on, read once (on CPython 3.11 asyncio.get_running_loop() is a getpid system call)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     started_at: float = field(default_factory=time.time)
     log_writer: RequestLogWriter | None = None
     webhooks: WebhookSender | None = None

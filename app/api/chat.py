@@ -114,14 +114,16 @@ class DisconnectWatcher:
     def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         self._receive = receive
         self._task = task
+        # the task's loop rather than asyncio.get_running_loop() (a system call: see Services.loop)
+        self._loop = task.get_loop()
         self._watcher: asyncio.Task[None] | None = None
-        self._start: asyncio.Handle = asyncio.get_running_loop().call_soon(self._arm)
+        self._start: asyncio.Handle = self._loop.call_soon(self._arm)
 
     def _arm(self) -> None:
-        self._start = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._begin)
+        self._start = self._loop.call_later(WATCH_AFTER_S, self._begin)
 
     def _begin(self) -> None:
-        self._watcher = asyncio.create_task(self._watch())
+        self._watcher = self._loop.create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
@@ -156,7 +158,13 @@ class SSEResponse(Response):
     """Relays chunks as they arrive; a client that leaves cancels the upstream side at once."""
 
     def __init__(
-        self, first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], include_usage: bool, headers: list[tuple[bytes, bytes]], on_finish: Callable[[int, str | None], None]
+        self,
+        first: dict[str, Any],
+        rest: AsyncIterator[dict[str, Any]],
+        include_usage: bool,
+        headers: list[tuple[bytes, bytes]],
+        on_finish: Callable[[int, str | None], None],
+        task: asyncio.Task[Any],
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.raw_headers = [*(h for h in self.raw_headers if h[0] != b"content-length"), *_SSE_HEADERS, *headers]
@@ -164,6 +172,8 @@ class SSEResponse(Response):
         self._rest = rest
         self._include_usage = include_usage
         self._on_finish = on_finish
+        #: the request's task, which also sends the response (a client leaving cancels it)
+        self._task = task
 
     def _encode(self, chunk: dict[str, Any]) -> bytes | None:
         if self._include_usage or "usage" not in chunk:
@@ -173,8 +183,7 @@ class SSEResponse(Response):
         return _sse({k: v for k, v in chunk.items() if k != "usage"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        task = self._task
         watcher = DisconnectWatcher(receive, task)
         status = 200
         text: list[str] = []
@@ -274,7 +283,7 @@ async def _answer(services: Services, request_id: str, head: _Head, receive: Rec
     ctx = RequestContext(request_id=request_id, authorization=authorization)
     recorder.start()
     chat: ChatRequest | None = None
-    task = asyncio.current_task()
+    task = asyncio.current_task(services.loop)
     assert task is not None
     watcher: DisconnectWatcher | None = None
     try:
@@ -299,7 +308,7 @@ async def _answer(services: Services, request_id: str, head: _Head, receive: Rec
             raise UpstreamBadResponseError(f"{ctx.backend or 'the backend'} sent an empty stream")
         watcher.stop()
         request_ctx, request_chat = ctx, chat
-        return SSEResponse(first, chunks, chat.include_usage, _headers(ctx), lambda status, text: recorder.finish(request_chat, request_ctx, status, text))
+        return SSEResponse(first, chunks, chat.include_usage, _headers(ctx), lambda status, text: recorder.finish(request_chat, request_ctx, status, text), task)
     except GatewayError as exc:
         return _failed(recorder, chat, ctx, exc)
     except UNAVAILABLE as exc:

@@ -81,11 +81,14 @@ class Flight:
         self.waiters = 0
         self.followers = 0
         self._forget = forget
-        self._changed = asyncio.Event()
+        # read once (asyncio.get_running_loop() is a system call: see Services.loop)
+        self._loop = asyncio.get_running_loop()
+        #: one future per waiting waiter, resolved at the next change
+        self._waiting: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None
 
     def start(self, call: SharedCall) -> None:
-        self.task = asyncio.create_task(self._run(call), name=f"flight-{self.key[:12]}")
+        self.task = self._loop.create_task(self._run(call), name=f"flight-{self.key[:12]}")
 
     async def _run(self, call: SharedCall) -> None:
         try:
@@ -113,15 +116,19 @@ class Flight:
             self._notify()
             # waiters woken just now run first (and store the answer in the cache) before the key is
             # free again, so a request arriving in between joins this flight rather than a new one
-            asyncio.get_running_loop().call_soon(self._forget, self)
+            self._loop.call_soon(self._forget, self)
 
     def _notify(self) -> None:
-        # one event per change: waiters that looked before the change wake, later ones look again
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        # waiters that looked before the change wake; later ones look again before they wait
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if not future.done():  # a waiter cancelled meanwhile cancelled its own future
+                future.set_result(None)
 
     async def changed(self) -> None:
-        await self._changed.wait()
+        future = self._loop.create_future()
+        self._waiting.append(future)
+        await future
 
     def release(self) -> None:
         self.waiters -= 1
