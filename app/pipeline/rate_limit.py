@@ -72,6 +72,8 @@ class RateLimiter:
         self._clock = clock
         self._events = events
         self._rejections = metrics.ratelimit_rejections.labels(scope)
+        #: each budget's (rpm, tpm) keys in the state store, built once
+        self._keys = {name: (self._key(name, "rpm"), self._key(name, "tpm")) for name in self.limits}
         self._tat: dict[str, float] = {}
         self._refused: dict[str, int] = {}
         self._refused_until: dict[str, float] = {}
@@ -83,12 +85,6 @@ class RateLimiter:
         now = self._clock.now()
         self._tat[key] = max(now, max(self._tat.get(key, now), now) + delta * PERIOD_S / limit)
 
-    async def _take(self, key: str, limit: int, cost: float) -> float:
-        wait = await self._state.acquire_rate(key, limit, PERIOD_S, cost)
-        if wait <= 0:
-            self._mirror(key, limit, cost)
-        return wait
-
     async def _give(self, key: str, limit: int, delta: float) -> None:
         await self._state.adjust_rate(key, limit, PERIOD_S, delta)
         self._mirror(key, limit, delta)
@@ -98,17 +94,21 @@ class RateLimiter:
         limit = self.limits.get(name)
         if limit is None:
             return Reservation(name, None)
+        rpm_key, tpm_key = self._keys[name]
         if limit.rpm:
-            wait = await self._take(self._key(name, "rpm"), limit.rpm, 1)
+            wait = await self._state.acquire_rate(rpm_key, limit.rpm, PERIOD_S, 1)
             if wait > 0:
                 return await self._refuse(name, limit, wait, "requests")
-        tokens = min(max(tokens, 1), limit.tpm) if limit.tpm else 0
-        if limit.tpm:
-            wait = await self._take(self._key(name, "tpm"), limit.tpm, tokens)
-            if wait > 0:
-                if limit.rpm:
-                    await self._give(self._key(name, "rpm"), limit.rpm, -1)
-                return await self._refuse(name, limit, wait, "tokens")
+            self._mirror(rpm_key, limit.rpm, 1)
+        if not limit.tpm:
+            return Reservation(name, limit)
+        tokens = min(max(tokens, 1), limit.tpm)
+        wait = await self._state.acquire_rate(tpm_key, limit.tpm, PERIOD_S, tokens)
+        if wait > 0:
+            if limit.rpm:
+                await self._give(rpm_key, limit.rpm, -1)
+            return await self._refuse(name, limit, wait, "tokens")
+        self._mirror(tpm_key, limit.tpm, tokens)
         return Reservation(name, limit, tokens)
 
     async def _refuse(self, name: str, limit: RateLimit, wait: float, unit: str) -> Reservation:
@@ -126,10 +126,11 @@ class RateLimiter:
         if limit is None or reservation.wait_s > 0 or reservation.settled:
             return
         reservation.settled = True
+        rpm_key, tpm_key = self._keys[reservation.name]
         if limit.tpm and used_tokens is not None and used_tokens != reservation.tokens:
-            await self._give(self._key(reservation.name, "tpm"), limit.tpm, used_tokens - reservation.tokens)
+            await self._give(tpm_key, limit.tpm, used_tokens - reservation.tokens)
         if limit.rpm and not called:
-            await self._give(self._key(reservation.name, "rpm"), limit.rpm, -1)
+            await self._give(rpm_key, limit.rpm, -1)
 
     def usage(self, name: str) -> BudgetUse | None:
         limit = self.limits.get(name)
