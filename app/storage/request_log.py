@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -62,7 +63,9 @@ class RequestLogWriter:
         self._metrics = metrics
         # SQLite: batches skip SQLAlchemy's per-value processing, which would run on the event loop
         self._bulk = BulkInsert(insert(TABLE), engine.dialect, _INSERTED) if engine.dialect.name == "sqlite" else None
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
+        # a deque, not an asyncio.Queue: only this loop touches it and nobody waits on it
+        self._queue: deque[dict[str, Any]] = deque()
+        self._queue_size = queue_size
         self._batch_size = batch_size
         self._retention_days = retention_days
         self._flush_interval_s = flush_interval_s
@@ -84,12 +87,12 @@ class RequestLogWriter:
     # -- the request side -------------------------------------------------------------------
 
     def submit(self, row: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(row)
-        except asyncio.QueueFull:
+        queue = self._queue
+        if len(queue) >= self._queue_size:
             self._dropped(1)
             return
-        if self._queue.qsize() >= self._batch_size:
+        queue.append(row)
+        if len(queue) >= self._batch_size:
             self._wake.set()
 
     def _dropped(self, count: int) -> None:
@@ -104,7 +107,7 @@ class RequestLogWriter:
     @property
     def pending(self) -> int:
         """Rows accepted but not yet in the database."""
-        return self._queue.qsize() + len(self._batch)
+        return len(self._queue) + len(self._batch)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -144,8 +147,8 @@ class RequestLogWriter:
     # -- the background side ----------------------------------------------------------------
 
     def _fill(self) -> None:
-        while len(self._batch) < self._batch_size and not self._queue.empty():
-            self._batch.append(self._queue.get_nowait())
+        while len(self._batch) < self._batch_size and self._queue:
+            self._batch.append(self._queue.popleft())
 
     async def _run(self) -> None:
         backoff = self._backoff_s
@@ -168,7 +171,7 @@ class RequestLogWriter:
                     break
                 self._batch = []
                 backoff = self._backoff_s
-                if self._queue.qsize() < self._batch_size:
+                if len(self._queue) < self._batch_size:
                     break
 
     async def _write(self, rows: list[dict[str, Any]]) -> bool:
