@@ -17,6 +17,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
+    # a checkpoint every 10 000 WAL pages (40 MB) rather than 1 000: cache entries dirty random
+    # index pages, and a page changed again before the checkpoint is copied to the file once
+    # (measured with sqlite3 alone, upserts into 100k entries in batches of 256: 10.9 µs a row against 15.1)
+    cursor.execute("PRAGMA wal_autocheckpoint=10000")
     cursor.close()
 
 

@@ -27,8 +27,11 @@ log = logging.getLogger("admiral.cache")
 
 #: pending persistent writes kept at most (bytes); beyond it a write is dropped, memory still has it
 MAX_PENDING_BYTES = 32 * 1024 * 1024
-#: entries per persistent write (one transaction)
-WRITE_BATCH = 256
+#: entries per persistent write (one transaction). Large, because entries land on random pages of
+#: the key index: a second of misses at a few thousand a second written in one SQLite transaction
+#: writes each page it touches once (measured with sqlite3 alone, upserts into 100k entries: 10.7 µs a row in batches
+#: of 4096 against 15.1 in batches of 256)
+WRITE_BATCH = 4096
 _WARN_EVERY_S = 60.0
 
 
