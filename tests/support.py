@@ -46,7 +46,9 @@ class GatewayServer:
         self.base_url = f"{self.url}/v1"
         # the HTTP protocol ``admiral-optimizer serve`` runs
         self._server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, loop="asyncio", http=CoalescingHttpToolsProtocol, timeout_graceful_shutdown=2)
+            uvicorn.Config(
+                self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, loop="asyncio", http=CoalescingHttpToolsProtocol, timeout_graceful_shutdown=2
+            )
         )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
