@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
+import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from sqlalchemy import func, select
 
@@ -19,7 +23,7 @@ from app.storage.cache_tiers import CacheWrite, SqlCacheTier
 from app.storage.db import create_engine
 from app.storage.migrate import upgrade_to_head
 from app.storage.models import CacheEntry
-from app.storage.response_cache import CachedAnswer, MemoryLRU, ResponseCache
+from app.storage.response_cache import ENTRY_OVERHEAD_BYTES, CachedAnswer, MemoryLRU, ResponseCache
 from tests.fake_upstream import FakeUpstream
 from tests.manual_clock import ManualClock
 from tests.serve import NewDatabase
@@ -268,17 +272,35 @@ def _answer(size: int, expires_at: float) -> CachedAnswer:
 
 
 def test_memory_lru_is_bounded_by_bytes() -> None:
-    lru = MemoryLRU(max_bytes=100)
+    entry = 40 + ENTRY_OVERHEAD_BYTES  # what a 40-byte answer counts for
+    lru = MemoryLRU(max_bytes=2 * entry + 20)
     lru.put("a", _answer(40, 10.0))
     lru.put("b", _answer(40, 10.0))
     assert lru.get("a", 0.0) is not None  # a is now the most recently used
     lru.put("c", _answer(40, 10.0))
     assert lru.get("b", 0.0) is None and lru.get("a", 0.0) is not None and lru.get("c", 0.0) is not None
-    assert lru.bytes == 80
-    lru.put("huge", _answer(101, 10.0))
-    assert lru.get("huge", 0.0) is None and lru.bytes == 80
+    assert lru.bytes == 2 * entry
+    lru.put("huge", _answer(2 * entry + 21 - ENTRY_OVERHEAD_BYTES, 10.0))
+    assert lru.get("huge", 0.0) is None and lru.bytes == 2 * entry
     assert lru.get("a", 10.0) is None  # expired
     assert lru.sweep(10.0) == 1 and len(lru) == 0 and lru.bytes == 0
+
+
+def test_memory_lru_counts_what_its_entries_really_take() -> None:
+    """An answer's JSON is kept in an allocation of its own size (orjson's output is not)."""
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello " * 40}, "finish_reason": "stop"}]}
+    body["usage"] = {"prompt_tokens": 64, "completion_tokens": 18, "total_tokens": 82}
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(2000)]
+    lru = MemoryLRU(max_bytes=1 << 40)
+    tracemalloc.start()
+    try:
+        for key in keys:
+            lru.put(key, CachedAnswer.of(orjson.loads(orjson.dumps(body)), "up", "up/model", 1e12))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    held += sum(sys.getsizeof(key) for key in keys)  # made before tracing began
+    assert held / len(keys) <= lru.bytes / len(keys) * 1.1, (held / len(keys), lru.bytes / len(keys))
 
 
 def _sqlite_url() -> str:
