@@ -15,7 +15,6 @@ times the window). Needs ``perf`` (``apt-get install linux-perf``) and permissio
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -81,9 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     tools.ensure_system_tools()
     plan = CpuPlan.detect()
     workdir = Path(tempfile.mkdtemp(prefix="admiral-cpu-"))
-    wrapper = workdir / "gateway-from-tree"
-    wrapper.write_text(f'#!/bin/sh\nexec env PYTHONPATH="$BENCH_TREE" {sys.executable} -c "import sys; from app.cli import main; sys.exit(main())" "$@"\n')
-    wrapper.chmod(0o755)
     kind = "cache hits" if args.hits else "cache misses"
     print(f"bench: CPU per request, {kind}, c={args.connections}, {WINDOW_S} s counted per round, {args.rounds} rounds", flush=True)
     labels = ["passthrough"] if args.passthrough else []
@@ -94,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 if label == "passthrough":
                     server, work = servers.passthrough(workdir, upstream.port, plan.server), Workload("bench", not args.hits)
                 else:
-                    command = tools.gateway_command()
-                    if args.tree:
-                        os.environ["BENCH_TREE"] = str(Path(label).resolve())
-                        command = str(wrapper)
+                    command = tools.tree_command(workdir, Path(label), f"tree-{i}") if args.tree else tools.gateway_command()
                     if command is None:
                         sys.exit("bench: admiral-optimizer is not installed (pip install -e .) and no --tree was given")
                     server = servers.gateway(command, workdir, upstream.port, plan.server, name=f"gateway-{i}")

@@ -17,7 +17,6 @@ and waiting, so a change that saves those shows in ``run.py``, not here. Needs v
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -79,9 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     tools.ensure_system_tools()
     plan = CpuPlan.detect()
     workdir = Path(tempfile.mkdtemp(prefix="admiral-instructions-"))
-    wrapper = workdir / "gateway-from-tree"
-    wrapper.write_text(f'#!/bin/sh\nexec env PYTHONPATH="$BENCH_TREE" {sys.executable} -c "import sys; from app.cli import main; sys.exit(main())" "$@"\n')
-    wrapper.chmod(0o755)
     kind = "cache hits" if args.hits else "cache misses"
     print(f"bench: instructions per request, {kind}, {args.requests} requests at c={CONNECTIONS} after {WARMUP_REQUESTS} unmeasured", flush=True)
     with nginx_server(workdir, free_port(), plan.load) as upstream:
@@ -92,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("constant endpoint", servers.constant(workdir, plan.server), Workload("bench", unique=False)))
         trees = args.tree or [None]
         for i, tree in enumerate(trees):
-            if tree is not None:
-                os.environ["BENCH_TREE"] = str(tree.resolve())
-            command = str(wrapper) if tree is not None else tools.gateway_command()
+            command = tools.tree_command(workdir, tree, f"tree-{i}") if tree is not None else tools.gateway_command()
             if command is None:
                 sys.exit("bench: admiral-optimizer is not installed (pip install -e .) and no --tree was given")
             server = servers.gateway(command, workdir, upstream.port, plan.server, name=f"gateway-{i}")

@@ -47,6 +47,18 @@ def gateway_command() -> str | None:
     return str(beside) if beside.exists() else shutil.which("admiral-optimizer")
 
 
+def tree_command(workdir: Path, tree: Path, name: str) -> str:
+    """A command that runs the gateway from the checkout ``tree`` (on ``PYTHONPATH``), to measure versions side by side.
+
+    The path is written into the script, not read from the environment when the server starts:
+    servers built one after another and started later each keep their own tree.
+    """
+    script = workdir / f"gateway-from-{name}"
+    script.write_text(f'#!/bin/sh\nexec env PYTHONPATH="{tree.resolve()}" {sys.executable} -c "import sys; from app.cli import main; sys.exit(main())" "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def ensure_python(install_gateway: bool) -> None:
     """Install the servers' packages (and the gateway, editable) into this interpreter's venv.
 
