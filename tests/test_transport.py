@@ -82,9 +82,14 @@ async def _writes_of_one_turn_leave_in_one_write_and_later_turns_in_their_own() 
     wrapped.write(b"data: 2\n\n")
     await _turn()
     assert counting.writes[1:] == [b"data: 1\n\n", b"data: 2\n\n"]  # a stream's chunks are not held back
+    reused = bytearray(b"data: 3\n\n")
+    wrapped.write(reused)
+    reused[6:7] = b"X"  # the writer reuses its buffer before the turn ends
+    await _turn()
+    assert counting.writes[3:] == [b"data: 3\n\n"]
     wrapped.close()
     await asyncio.wait_for(sink.closed.wait(), 5)
-    assert bytes(sink.received) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}data: 1\n\ndata: 2\n\n"
+    assert bytes(sink.received) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}data: 1\n\ndata: 2\n\ndata: 3\n\n"
 
 
 @LOOPS

@@ -30,6 +30,8 @@ class CoalescingTransport:
         self._pending: list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # held until the turn ends: a bytearray could change meanwhile
         if self._pending is None:
             self._pending = [data]
             self._loop.call_soon(self.flush)
