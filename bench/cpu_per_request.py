@@ -18,7 +18,6 @@ import argparse
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -30,7 +29,7 @@ sys.path.insert(0, str(BENCH))
 import servers
 import tools
 from load import Workload, WrkResult, wrk
-from procs import CpuPlan, Server, free_port
+from procs import Server, free_port
 from upstream import nginx_server
 
 WINDOW_S = 5
@@ -75,11 +74,7 @@ def measure(server: Server, work: Workload, connections: int, cpus: str | None, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if subprocess.run(["which", "perf"], capture_output=True).returncode != 0:
-        sys.exit("bench: perf is not installed (apt-get install linux-perf)")
-    tools.ensure_system_tools()
-    plan = CpuPlan.detect()
-    workdir = Path(tempfile.mkdtemp(prefix="admiral-cpu-"))
+    plan, workdir = tools.measuring_setup("perf", "linux-perf", "admiral-cpu-")
     kind = "cache hits" if args.hits else "cache misses"
     print(f"bench: CPU per request, {kind}, c={args.connections}, {WINDOW_S} s counted per round, {args.rounds} rounds", flush=True)
     labels = ["passthrough"] if args.passthrough else []

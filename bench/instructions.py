@@ -20,7 +20,6 @@ import argparse
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -29,7 +28,7 @@ sys.path.insert(0, str(BENCH))
 import servers
 import tools
 from load import Workload, wrk
-from procs import CpuPlan, Server, free_port
+from procs import Server, free_port
 from upstream import nginx_server
 
 WARMUP_REQUESTS = 300
@@ -73,11 +72,7 @@ def per_request(server: Server, out: Path, work: Workload, requests: int, cpus: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
-        sys.exit("bench: valgrind is not installed (apt-get install valgrind)")
-    tools.ensure_system_tools()
-    plan = CpuPlan.detect()
-    workdir = Path(tempfile.mkdtemp(prefix="admiral-instructions-"))
+    plan, workdir = tools.measuring_setup("valgrind", "valgrind", "admiral-instructions-")
     kind = "cache hits" if args.hits else "cache misses"
     print(f"bench: instructions per request, {kind}, {args.requests} requests at c={CONNECTIONS} after {WARMUP_REQUESTS} unmeasured", flush=True)
     with nginx_server(workdir, free_port(), plan.load) as upstream:

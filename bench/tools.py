@@ -7,7 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from procs import CpuPlan
 
 REPO = Path(__file__).resolve().parent.parent
 PY_MODULES = ("fastapi", "uvicorn", "aiohttp", "uvloop", "httptools", "orjson")
@@ -45,6 +48,14 @@ def gateway_command() -> str | None:
     """The ``admiral-optimizer`` script beside this interpreter, or on PATH."""
     beside = Path(sys.executable).parent / "admiral-optimizer"
     return str(beside) if beside.exists() else shutil.which("admiral-optimizer")
+
+
+def measuring_setup(binary: str, package: str, prefix: str) -> tuple[CpuPlan, Path]:
+    """For a tool that measures under ``binary``: stop if it is missing, install nginx and wrk, and give the CPU plan and a work directory."""
+    if shutil.which(binary) is None:
+        sys.exit(f"bench: {binary} is not installed (apt-get install {package})")
+    ensure_system_tools()
+    return CpuPlan.detect(), Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def tree_command(workdir: Path, tree: Path, name: str) -> str:
