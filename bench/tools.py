@@ -62,10 +62,11 @@ def tree_command(workdir: Path, tree: Path, name: str) -> str:
     """A command that runs the gateway from the checkout ``tree`` (on ``PYTHONPATH``), to measure versions side by side.
 
     The path is written into the script, not read from the environment when the server starts:
-    servers built one after another and started later each keep their own tree.
+    servers built one after another and started later each keep their own tree. ``-P`` keeps the
+    current directory off ``sys.path``: run from a checkout, ``-c`` would import that one instead.
     """
     script = workdir / f"gateway-from-{name}"
-    script.write_text(f'#!/bin/sh\nexec env PYTHONPATH="{tree.resolve()}" {sys.executable} -c "import sys; from app.cli import main; sys.exit(main())" "$@"\n')
+    script.write_text(f'#!/bin/sh\nexec env PYTHONPATH="{tree.resolve()}" {sys.executable} -P -c "import sys; from app.cli import main; sys.exit(main())" "$@"\n')
     script.chmod(0o755)
     return str(script)
 
