@@ -38,8 +38,9 @@ _WARN_EVERY_S = 60.0
 def _compact(data: bytes) -> bytes:
     """``data`` in an allocation of its own size, for bytes that are kept.
 
-    orjson hands back its output in the buffer it wrote into: measured with orjson 3.13, a
-    339-byte answer held 4 KiB, so a memory tier accounting 64 MiB of answers held over 700 MiB.
+    orjson hands back its output in the buffer it wrote into: measured with orjson 3.13
+    (tracemalloc), a 339-byte answer held 4 KiB, and a gateway serving cache misses with the
+    default 64 MiB memory tier grew past 1 GB.
     """
     return memoryview(data).tobytes()
 
@@ -84,7 +85,8 @@ def _live(raw: bytes, now: float) -> CachedAnswer | None:
 
 
 #: what an entry of the memory tier costs besides its JSON: the key, the objects, the usage dict
-#: and the LRU's own slot (measured with tracemalloc: ~580 bytes for a typical answer)
+#: and the LRU's own slot (tracemalloc: 467 bytes for the benchmark's answer; 600 leaves room for
+#: longer deployment names and usage details)
 ENTRY_OVERHEAD_BYTES = 600
 
 
