@@ -25,6 +25,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
+
+#: what the database raises when it is out of reach: answered 503, not 500
+UNAVAILABLE = (OSError, OperationalError, InterfaceError, SQLAlchemyTimeoutError)
+
 
 class GatewayError(Exception):
     """Base of every error the gateway answers with."""
@@ -150,15 +156,19 @@ class UpstreamBadResponseError(UpstreamError):
 
 
 class UpstreamClientError(UpstreamError):
-    """The provider refused the request itself: the caller's mistake, not the backend's."""
+    """The provider refused the request itself: the caller's mistake, not the backend's.
+
+    The client gets the provider's own ``type``, ``code`` and ``param`` (``context_length_exceeded``
+    on ``messages`` must stay tellable from any other 400).
+    """
 
     retryable = False
     breaker_failure = False
 
-    def __init__(self, message: str, *, status: int, **kwargs: Any) -> None:
+    def __init__(self, message: str, *, status: int, error_type: str | None = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.status = status if status in (400, 404, 413, 422) else 400
-        self.error_type = "not_found_error" if self.status == 404 else "invalid_request_error"
+        self.error_type = error_type or ("not_found_error" if self.status == 404 else "invalid_request_error")
 
 
 class BackendUnavailableError(UpstreamError):
@@ -176,3 +186,8 @@ class BackendRateLimitedError(BackendUnavailableError):
     status = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+def database_unavailable() -> ServiceUnavailableError:
+    # the database went away under the request: the caller may well succeed a little later
+    return ServiceUnavailableError("The gateway's database is unavailable; try again shortly.", code="database_unavailable", retry_after=5)

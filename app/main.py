@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from app.api import admin, chat, health, metrics
+from app.api.lane import ModelLane
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestIds
 from app.clock import Clock
@@ -60,13 +61,14 @@ _gc = _GcTuning()
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, but ``/v1/chat/completions`` goes straight to its own lane (:class:`chat.ChatCompletions`)."""
+    """FastAPI, but each model endpoint goes straight to its own lane (:class:`ModelLane`)."""
 
-    chat: chat.ChatCompletions
+    lanes: dict[str, ModelLane]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == chat.PATH:
-            await self.chat(scope, receive, send)
+        lane = self.lanes.get(scope["path"]) if scope["type"] == "http" else None
+        if lane is not None:
+            await lane(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -92,8 +94,9 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> GatewayApp:
     app.include_router(metrics.router)
     app.include_router(admin.router)
     ids = RequestIds()
-    app.chat = chat.ChatCompletions(app, ids, settings.server.max_body_bytes)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    max_body = settings.server.max_body_bytes
+    app.lanes = {chat.PATH: ModelLane(chat.PATH, chat.parse_request, lambda: app.state.services, ids, max_body)}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body)
     app.add_middleware(RequestIdMiddleware, ids=ids)
     return app
 

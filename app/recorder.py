@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from app.metrics import Children, Metrics
+from app.pipeline.answer import spent_tokens
 from app.pipeline.base import ChatRequest, RequestContext
+from app.shapes import Usage
 
 if TYPE_CHECKING:
     from app.degraded import HitRateWatch
@@ -37,7 +39,8 @@ class RequestRecorder:
     def start(self) -> None:
         self._metrics.inflight.inc()
 
-    def finish(self, request: ChatRequest | None, ctx: RequestContext, status: int, content: str | None = None) -> None:
+    def finish(self, request: ChatRequest | None, ctx: RequestContext, status: int, content: str | None = None, usage: Usage | None = None) -> None:
+        """Count and log the request; ``usage`` is what its answer reported (tokens count only when paid upstream)."""
         m = self._metrics
         m.inflight.dec()
         elapsed = time.perf_counter() - ctx.started
@@ -49,14 +52,14 @@ class RequestRecorder:
         if ctx.ttft_seconds is not None:
             self._ttft(backend).observe(ctx.ttft_seconds)
         m.overhead.observe(max(0.0, elapsed - ctx.upstream_seconds))
-        usage = ctx.usage or {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
-        if ctx.cache_status != "hit" and ctx.dedupe_role != "follower":
-            if prompt_tokens:
-                self._tokens(ctx.agent, backend, "prompt").inc(prompt_tokens)
-            if completion_tokens:
-                self._tokens(ctx.agent, backend, "completion").inc(completion_tokens)
+        reported = spent_tokens(True, usage)
+        prompt_tokens, completion_tokens = (reported.prompt, reported.completion) if reported else (0, 0)
+        paid = spent_tokens(ctx.paid_upstream, usage)
+        if paid is not None:
+            if paid.prompt:
+                self._tokens(ctx.agent, backend, "prompt").inc(paid.prompt)
+            if paid.completion:
+                self._tokens(ctx.agent, backend, "completion").inc(paid.completion)
         if self.hit_rate_watch is not None:
             self.hit_rate_watch.observe(ctx.cache_status)
         if self.log_sink is None:

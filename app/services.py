@@ -19,16 +19,25 @@ from app.config import Settings
 from app.degraded import HitRateWatch
 from app.events import EventBus
 from app.metrics import Metrics
-from app.pipeline import build_pipeline
-from app.pipeline.auth import Authenticator
+from app.auth import Authenticator
+from app.pipeline.backpressure import BackpressureLayer
+from app.pipeline.cache import CacheLayer
+from app.pipeline.circuit_breaker import CircuitBreakerLayer
+from app.pipeline.dedupe import DedupeLayer
+from app.pipeline.dispatch import Dispatcher
+from app.pipeline.failover import FailoverLayer
+from app.pipeline.provider_budget import ProviderBudgetLayer
+from app.pipeline.rate_limit import AgentRateLimitLayer
+from app.pipeline.router import RouterLayer
 from app.pipeline.base import Handler
-from app.pipeline.inflight import InflightCoordinator, LocalInflight, build_inflight
+from app.pipeline.inflight import InflightCoordinator, LocalInflight
 from app.pipeline.resilience import Resilience
 from app.pipeline.router import ModelRouter
 from app.providers import Provider, build_providers
 from app.recorder import RequestRecorder
+from app.serving import Serving
 from app.state import StateStore, build_state_store
-from app.storage.cache_tiers import build_cache_tier
+from app.storage.cache_tiers import SqlCacheTier
 from app.storage.db import create_engine
 from app.storage.migrate import known_revisions, schema_problem, upgrade_to_head
 from app.storage.request_log import RequestLogWriter
@@ -52,6 +61,8 @@ class Services:
     events: EventBus
     db: AsyncEngine
     pipeline: Handler = field(init=False)
+    #: the pipeline behind the HTTP edge, recording every request once
+    serving: Serving = field(init=False)
     #: limits, breakers, slots and latency shared by the layers; its read API serves /admin/backends
     resilience: Resilience = field(init=False)
     clock: Clock = field(default_factory=Clock)
@@ -110,10 +121,11 @@ class Services:
         services.resilience = Resilience.build(settings, services.state, metrics, services.events, services.clock)
         services.backend_status = services.resilience.provider_status
         if settings.cache.enabled:
-            services.cache = ResponseCache.from_config(settings.cache, build_cache_tier(settings, services.db, services.state), services.clock)
+            services.cache = ResponseCache.from_config(settings.cache, services.state.cache_tier(SqlCacheTier(services.db, max_total_bytes=settings.cache.max_total_bytes)), services.clock)
             services.cache.start()
-        services.inflight = build_inflight(settings.state, services.state)
+        services.inflight = services.state.coordinator()
         services.pipeline = build_pipeline(services)
+        services.serving = Serving(services.pipeline, services.recorder)
         for provider in services.providers.values():
             await provider.start()
         return services
@@ -165,3 +177,25 @@ class Services:
         await self.state.aclose()
         await self.db.dispose()
         mark_worker_dead()
+
+
+def build_pipeline(services: Services) -> Handler:
+    """Outermost first: routing → agent rate limit → [cache → dedupe] → failover →
+    per deployment: circuit breaker → provider budget → backpressure → dispatch.
+
+    The caller is known before the pipeline runs: the edge resolves the gateway key.
+    """
+    res = services.resilience
+    # per deployment: failover sets ctx.deployment, then each try passes these
+    handler: Handler = Dispatcher(services.providers)
+    handler = BackpressureLayer(handler, res.slots)
+    handler = ProviderBudgetLayer(handler, res.provider_budgets)
+    handler = CircuitBreakerLayer(handler, res.breaker)
+    handler = FailoverLayer(handler, res.retry, res.latency, res.clock, services.metrics, list(services.providers))
+    # per request: one upstream call for identical requests in flight, none for repeated ones
+    if services.settings.dedupe.enabled:
+        handler = DedupeLayer(handler, services.inflight, services.metrics)
+    if services.cache is not None:
+        handler = CacheLayer(handler, services.cache, services.metrics)
+    handler = AgentRateLimitLayer(handler, res.agent_limits)
+    return RouterLayer(handler, services.router)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.api.chat import WATCH_AFTER_S, DisconnectWatcher
+from app.api.disconnect import WATCH_AFTER_S, DisconnectWatcher
 from tests.fake_upstream import FakeUpstream
 from tests.hostile import AGENT_KEY, AUTH, HELLO, config, inflight, metric_sum, wait_for
 from tests.support import GatewayServer, gateway

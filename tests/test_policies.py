@@ -19,7 +19,8 @@ from app.errors import (
 )
 from app.events import EventBus
 from app.metrics import Metrics
-from app.pipeline.base import ChatRequest, ChatResult, Deployment, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, Deployment, RequestContext
 from app.pipeline.circuit_breaker import BreakerPolicy, CircuitBreaker
 from app.pipeline.failover import FailoverLayer, RetryPolicy, exhausted
 from app.pipeline.latency import LatencyTracker
@@ -105,13 +106,13 @@ class Scripted:
         self.clock, self.failures, self.takes_s = clock, failures, takes_s
         self.calls: list[Deployment] = []
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         assert ctx.deployment is not None
         self.calls.append(ctx.deployment)
         self.clock.advance(self.takes_s)
         if ctx.deployment in self.failures:
             raise self.failures[ctx.deployment]
-        return ChatResult(body={"choices": []})
+        return Answer(body={"choices": []})  # type: ignore[typeddict-item]
 
 
 def failover(handler: Scripted, clock: ManualClock, **policy: float) -> FailoverLayer:

@@ -23,7 +23,8 @@ from sqlalchemy import delete
 
 from app.metrics import Metrics
 from app.state.redis import RedisStateStore, open_client
-from app.storage.cache_tiers import CacheWrite, LayeredTier, RedisCacheTier, SqlCacheTier
+from app.state.redis_cache import LayeredTier, RedisCacheTier
+from app.storage.cache_tiers import CacheWrite, SqlCacheTier
 from app.storage.db import create_engine
 from app.storage.migrate import upgrade_to_head
 from app.storage.models import CacheEntry

@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 from sqlalchemy import select
 
 from app.errors import GatewayError, UpstreamClientError, UpstreamError, UpstreamRateLimitError
-from app.pipeline.base import ChatResult, Deployment, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import Deployment, RequestContext
 from app.pipeline.inflight import Ticket
 from app.pipeline.inflight_redis import RedisInflight
 from app.state.redis import RedisStateStore
@@ -160,7 +161,7 @@ class HeldCall:
     def body(self) -> dict[str, Any]:
         return {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": self.name}, "finish_reason": "stop"}], "usage": {"total_tokens": len(self.name)}}
 
-    async def __call__(self, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, ctx: RequestContext) -> Answer:
         self.runs += 1
         self.started.set()
         ctx.deployment = Deployment(self.name, "model-" + self.name)
@@ -169,9 +170,8 @@ class HeldCall:
         if self.error is not None:
             raise self.error
         if not self.stream:
-            ctx.usage = self.body()["usage"]
-            return ChatResult(body=self.body())
-        return ChatResult(chunks=self._chunks())
+            return Answer(body=self.body())  # type: ignore[arg-type]
+        return Answer(chunks=self._chunks())  # type: ignore[arg-type]
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
         while (item := await self.fed.get()) is not None:
@@ -212,7 +212,7 @@ async def follow_a_stream(coordinators: list[RedisInflight], a: HeldCall, b: Hel
     ticket_a, ticket_b, ctx_b = await lead_and_follow(coordinators, a, b)
     a.answer.set()
     await a.fed.put({"n": 1})
-    return ticket_a, ctx_b, (await ticket_b.result()).chunks
+    return ticket_a, ctx_b, (await ticket_b.result())
 
 
 async def lock_holder(prefix: str) -> bytes | None:
@@ -234,8 +234,9 @@ async def test_a_follower_replica_gets_the_leaders_body_and_context(coordinators
     a, b = HeldCall("a"), HeldCall("b")
     ticket_a, ticket_b, ctx_b = await lead_and_follow(coordinators, a, b)
     a.answer.set()
-    assert (await ticket_b.result()).body == (await ticket_a.result()).body == a.body()
-    assert (ctx_b.backend, ctx_b.deployment, ctx_b.usage) == ("a", Deployment("a", "model-a"), {"total_tokens": 1})
+    answer_b = await ticket_b.result()
+    assert answer_b.body == (await ticket_a.result()).body == a.body()
+    assert (ctx_b.backend, ctx_b.deployment, answer_b.usage) == ("a", Deployment("a", "model-a"), {"total_tokens": 1})
     assert (a.runs, b.runs) == (1, 0)
 
 
@@ -249,8 +250,8 @@ async def test_a_follower_replica_gets_the_chunks_live(coordinators: list[RedisI
     assert await anext(stream_b) == {"n": 2, "usage": {"total_tokens": 7}}
     await a.fed.put(None)
     assert [c async for c in stream_b] == []
-    assert ctx_b.usage == {"total_tokens": 7}
-    stream_a = (await ticket_a.result()).chunks
+    assert stream_b.usage == {"total_tokens": 7}
+    stream_a = await ticket_a.result()
     assert stream_a is not None and [c async for c in stream_a] == [{"n": 1}, {"n": 2, "usage": {"total_tokens": 7}}]
     assert b.runs == 0
     await until_none(lambda: lock_holder(prefix))

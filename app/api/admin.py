@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from app.api.responses import json_response
 from app.errors import AuthenticationError, BadRequestError, PermissionDeniedError
-from app.pipeline.auth import bearer_token
+from app.auth import bearer_token
 from app.storage.stats import backend_recent, request_stats
 
 router = APIRouter(prefix="/admin")

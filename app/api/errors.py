@@ -8,21 +8,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.responses import json_response
-from app.errors import BadRequestError, GatewayError, MethodNotAllowedError, NotFoundError, ServiceUnavailableError
+from app.errors import UNAVAILABLE, BadRequestError, GatewayError, MethodNotAllowedError, NotFoundError, database_unavailable
 
 log = logging.getLogger("admiral.api")
 
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error"}
-#: what a route raises when the database is out of reach: answered 503, not 500
-UNAVAILABLE = (OSError, OperationalError, InterfaceError, SQLAlchemyTimeoutError)
-
-
 def error_response(exc: GatewayError) -> Response:
     return json_response(exc.body(), exc.status, exc.headers())
 
@@ -77,11 +71,6 @@ def _shown(text: str, limit: int = 200) -> str:
 
 def method_not_allowed(method: str, path: str, allow: str) -> MethodNotAllowedError:
     return MethodNotAllowedError(f"Method not allowed: {method} {_shown(path)}; this path takes {allow}.", allow=allow)
-
-
-def database_unavailable() -> ServiceUnavailableError:
-    # the database went away under the route: the caller may well succeed a little later
-    return ServiceUnavailableError("The gateway's database is unavailable; try again shortly.", code="database_unavailable", retry_after=5)
 
 
 def install_error_handlers(app: FastAPI) -> None:

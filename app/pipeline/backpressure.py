@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from app.config import Settings
 from app.errors import BackendUnavailableError
-from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
-from app.pipeline.watch import watch_stream
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, Handler, RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ class BackpressureLayer:
         self._next = next_handler
         self._slots = slots
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         assert ctx.deployment is not None
         provider = ctx.deployment.provider
         slots = self._slots
@@ -100,16 +100,16 @@ class BackpressureLayer:
             return await self._next(request, ctx)
         await slots.acquire(provider)
         try:
-            result = await self._next(request, ctx)
+            answer = await self._next(request, ctx)
         except BaseException:
             slots.release(provider)
             raise
-        if result.chunks is None:
+        if not answer.is_stream:
             slots.release(provider)
-            return result
+            return answer
 
-        async def on_end(_: BaseException | None) -> None:
+        async def release(_: BaseException | None) -> None:
             slots.release(provider)
 
-        result.chunks = watch_stream(result.chunks, on_end)
-        return result
+        await answer.when_done(release)
+        return answer

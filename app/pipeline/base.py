@@ -1,15 +1,13 @@
-"""What flows through the pipeline: the request, its context, the result, and the handler shape."""
+"""What flows through the pipeline: the request, its context, and the handler shape (the answer is in :mod:`app.pipeline.answer`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
-
 from app.config import KeyConfig
+from app.pipeline.answer import Answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,27 +71,10 @@ class ChatRequest:
 
 
 @dataclass(slots=True)
-class ChatResult:
-    """A complete ``chat.completion`` (a ``body``, or ``encoded`` JSON from the cache) or a live stream of chunk dicts."""
-
-    body: dict[str, Any] | None = None
-    chunks: AsyncIterator[dict[str, Any]] | None = None
-    #: a complete answer already encoded (a cache hit): sent as it is, decoded only when needed
-    encoded: bytes | None = None
-
-    def complete_body(self) -> dict[str, Any] | None:
-        """The complete answer as a dict (decoding ``encoded``); None for a stream."""
-        if self.body is None and self.encoded is not None:
-            return orjson.loads(self.encoded)  # type: ignore[no-any-return]
-        return self.body
-
-
-@dataclass(slots=True)
 class RequestContext:
     """Per-request state the layers fill in; read at the end for headers, metrics and the log."""
 
     request_id: str
-    authorization: str | None = None
     started: float = field(default_factory=time.perf_counter)
     agent: str = "anonymous"
     key: KeyConfig | None = None
@@ -113,11 +94,22 @@ class RequestContext:
     tried: list[str] = field(default_factory=list)
     upstream_seconds: float = 0.0
     ttft_seconds: float | None = None
-    usage: dict[str, Any] | None = None
     error_type: str | None = None
+
+    @property
+    def paid_upstream(self) -> bool:
+        """Whether this request's own upstream call produced its answer (not a cache hit, not a follower)."""
+        return self.cache_status != "hit" and self.dedupe_role != "follower"
+
+    def identify(self, key: KeyConfig | None) -> None:
+        """The caller, from its gateway key (None: no keys are configured, the caller is anonymous)."""
+        if key is not None:
+            self.key = key
+            self.agent = key.agent
+            self.cache_namespace = key.cache_namespace
 
 
 class Handler(Protocol):
     """A pipeline stage: takes the request and its context, returns the result or raises."""
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult: ...
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer: ...

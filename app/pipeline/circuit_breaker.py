@@ -20,9 +20,9 @@ from app.errors import (
 )
 from app.events import EventBus
 from app.metrics import Metrics
-from app.pipeline.base import ChatRequest, ChatResult, Deployment, Handler, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
 from app.pipeline.policy import from_section
-from app.pipeline.watch import watch_stream
 from app.state import StateStore
 
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
@@ -230,13 +230,13 @@ class CircuitBreakerLayer:
         self._next = next_handler
         self._breaker = breaker
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         deployment = ctx.deployment
         assert deployment is not None
         breaker = self._breaker
         probe = await breaker.admit(deployment)
         try:
-            result = await self._next(request, ctx)
+            answer = await self._next(request, ctx)
         except UpstreamError as exc:
             await breaker.failure(deployment, exc, probe)
             raise
@@ -245,11 +245,11 @@ class CircuitBreakerLayer:
                 await breaker.release_probe(deployment)
             raise
         await breaker.success(deployment, probe)
-        if result.chunks is not None:
+        if answer.is_stream:
 
-            async def on_end(outcome: BaseException | None) -> None:
+            async def failed_midway(outcome: BaseException | None) -> None:
                 if isinstance(outcome, UpstreamError):
                     await breaker.failure(deployment, outcome, False)
 
-            result.chunks = watch_stream(result.chunks, on_end)
-        return result
+            await answer.when_done(failed_midway)
+        return answer

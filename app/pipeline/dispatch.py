@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from app.errors import UpstreamBadResponseError
-from app.pipeline.base import ChatRequest, ChatResult, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, RequestContext
 from app.providers.base import Provider, UpstreamRequest
+from app.shapes import ChatCompletionChunk
 
 
 class Dispatcher:
@@ -17,7 +18,7 @@ class Dispatcher:
     def __init__(self, providers: dict[str, Provider]) -> None:
         self._providers = providers
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         deployment = ctx.deployment
         assert deployment is not None, "failover sets ctx.deployment before dispatch"
         provider = self._providers[deployment.provider]
@@ -28,8 +29,7 @@ class Dispatcher:
             body = await provider.complete(call)
             ctx.upstream_seconds = time.perf_counter() - started
             ctx.backend = deployment.provider
-            ctx.usage = body.get("usage")
-            return ChatResult(body=body)
+            return Answer(body=body)
         chunks = provider.stream(call)
         try:
             first = await anext(chunks)
@@ -40,16 +40,19 @@ class Dispatcher:
             raise
         ctx.ttft_seconds = time.perf_counter() - started
         ctx.backend = deployment.provider
-        return ChatResult(chunks=self._relay(first, chunks, ctx, started))
+        answer = Answer(chunks=_after(first, chunks))
 
-    @staticmethod
-    async def _relay(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], ctx: RequestContext, started: float) -> AsyncIterator[dict[str, Any]]:
-        try:
-            yield first
-            async for chunk in rest:
-                if chunk.get("usage"):
-                    ctx.usage = chunk["usage"]
-                yield chunk
-        finally:
+        async def timed(_: BaseException | None) -> None:
             ctx.upstream_seconds = time.perf_counter() - started
-            await rest.aclose()
+
+        await answer.when_done(timed)
+        return answer
+
+
+async def _after(first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]

@@ -29,7 +29,8 @@ from app.errors import (
     UpstreamTimeoutError,
 )
 from app.metrics import Metrics
-from app.pipeline.base import ChatRequest, ChatResult, Deployment, Handler, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
 from app.pipeline.latency import LatencyTracker
 from app.pipeline.policy import from_section
 
@@ -68,7 +69,7 @@ class FailoverLayer:
     def _order(self, ctx: RequestContext) -> list[Deployment]:
         return self._latency.order(ctx.deployments) if ctx.strategy == "latency" else list(ctx.deployments)
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         policy = self._policy
         deadline = self._clock.now() + policy.deadline_s
         last: dict[Deployment, UpstreamError] = {}

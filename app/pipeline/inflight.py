@@ -15,15 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from app.config import StateConfig
 from app.errors import UpstreamBadResponseError, UpstreamError
-from app.pipeline.base import ChatResult, RequestContext
-from app.state import StateStore
+from app.pipeline.answer import Answer
+from app.pipeline.base import RequestContext
+from app.shapes import ChatCompletion, ChatCompletionChunk
 
 #: runs the shared upstream call with the leader's context
-SharedCall = Callable[[RequestContext], Awaitable[ChatResult]]
+SharedCall = Callable[[RequestContext], Awaitable[Answer]]
 
 
 class Ticket(Protocol):
@@ -42,8 +42,8 @@ class Ticket(Protocol):
         """The context the shared call ran with: backend, deployment, usage."""
         ...
 
-    async def result(self) -> ChatResult:
-        """The body, or a stream once its first chunk is there; raises the call's error.
+    async def result(self) -> Answer:
+        """The complete answer, or the stream once its first chunk is there; raises the call's error.
 
         A returned stream must be read to its end or closed (``aclose``) to release the place.
         """
@@ -74,8 +74,8 @@ class Flight:
     def __init__(self, key: str, ctx: RequestContext, forget: Callable[[Flight], None]) -> None:
         self.key = key
         self.ctx = ctx
-        self.body: dict[str, Any] | None = None
-        self.chunks: list[dict[str, Any]] = []
+        self.body: ChatCompletion | None = None
+        self.chunks: list[ChatCompletionChunk] = []
         self.error: BaseException | None = None
         self.done = False
         self.waiters = 0
@@ -92,20 +92,16 @@ class Flight:
 
     async def _run(self, call: SharedCall) -> None:
         try:
-            result = await call(self.ctx)
-            if result.body is not None:
-                self.body = result.body
+            answer = await call(self.ctx)
+            if not answer.is_stream:
+                self.body = answer.body
             else:
-                assert result.chunks is not None
-                chunks = result.chunks
                 try:
-                    async for chunk in chunks:
+                    async for chunk in answer:
                         self.chunks.append(chunk)
                         self._notify()
                 finally:
-                    close = getattr(chunks, "aclose", None)
-                    if close is not None:
-                        await close()
+                    await answer.aclose()
         except asyncio.CancelledError:
             self.error = UpstreamError("The shared upstream call was cancelled.")
             raise
@@ -157,7 +153,7 @@ class LocalTicket:
     def context(self) -> RequestContext:
         return self._flight.ctx
 
-    async def result(self) -> ChatResult:
+    async def result(self) -> Answer:
         flight = self._flight
         try:
             while flight.body is None and not flight.chunks and not flight.done:
@@ -167,9 +163,9 @@ class LocalTicket:
             raise
         if flight.body is not None:
             self.leave()
-            return ChatResult(body=flight.body)
+            return Answer(body=flight.body)
         if flight.chunks:
-            return ChatResult(chunks=SharedStream(self, flight))
+            return Answer(chunks=SharedStream(self, flight))
         self.leave()
         raise flight.error or UpstreamBadResponseError("The shared upstream call ended without an answer.")
 
@@ -187,10 +183,10 @@ class SharedStream:
         self._flight = flight
         self._next = 0
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self
 
-    async def __anext__(self) -> dict[str, Any]:
+    async def __anext__(self) -> ChatCompletionChunk:
         flight = self._flight
         while self._next >= len(flight.chunks):
             if flight.done:
@@ -246,14 +242,3 @@ class LocalInflight:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-def build_inflight(config: StateConfig, state: StateStore) -> InflightCoordinator:
-    """Across replicas when the state is on Redis, in-process otherwise."""
-    if config.url.startswith("memory://"):
-        return LocalInflight()
-    from app.pipeline.inflight_redis import RedisInflight  # loaded only where Redis is configured
-    from app.state.redis import RedisStateStore
-
-    assert isinstance(state, RedisStateStore), "a Redis state.url makes Services build a RedisStateStore"
-    return RedisInflight(state)

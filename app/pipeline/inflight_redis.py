@@ -26,14 +26,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from app.errors import GatewayError, UpstreamError
-from app.pipeline.base import ChatResult, Deployment, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import Deployment, RequestContext
+from app.shapes import ChatCompletionChunk
 from app.pipeline.inflight import LocalInflight, SharedCall, Ticket
-from app.state.redis import RedisStateStore
 from app.state.redis_channels import ChannelError, ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels
 
 log = logging.getLogger("admiral.inflight")
@@ -51,10 +52,28 @@ class RelayedError(GatewayError):
         self.error_type = str(fields["type"])
 
 
+class ChannelStore(Protocol):
+    """What single flight needs of the state store (:class:`~app.state.redis.RedisStateStore`, which builds it)."""
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is unreachable: flights then skip Redis altogether."""
+        ...
+
+    @property
+    def channels(self) -> RedisChannels:
+        """The single-flight primitives on the store's Redis and key prefix."""
+        ...
+
+    async def ping(self) -> bool:
+        """Check Redis, going degraded (and probing until it answers) when it does not."""
+        ...
+
+
 class RedisInflight:
     """Single flight across every replica on the same Redis and key prefix."""
 
-    def __init__(self, store: RedisStateStore, *, lease_ttl_s: float = 10.0) -> None:
+    def __init__(self, store: ChannelStore, *, lease_ttl_s: float = 10.0) -> None:
         """``lease_ttl_s`` bounds how long followers wait for a leader whose replica died."""
         self._store = store
         self._ttl = lease_ttl_s
@@ -78,7 +97,7 @@ class RedisInflight:
                 raise
         return ticket
 
-    async def _run(self, key: str, ctx: RequestContext, call: SharedCall, leads: asyncio.Future[bool]) -> ChatResult:
+    async def _run(self, key: str, ctx: RequestContext, call: SharedCall, leads: asyncio.Future[bool]) -> Answer:
         """The local flight's call: lead the key across replicas, follow the replica that does, or run alone."""
         try:
             for _ in range(_ROUNDS):
@@ -105,23 +124,22 @@ class RedisInflight:
         finally:
             _settle(leads, True)
 
-    async def _lead(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext, call: SharedCall) -> ChatResult:
+    async def _lead(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext, call: SharedCall) -> Answer:
         lease = _Lease(channels, key, token, self._ttl, self._outage)
         try:
-            result = await call(ctx)
+            answer = await call(ctx)
             head = {"backend": ctx.backend, "deployment": str(ctx.deployment) if ctx.deployment else None}
-            if result.body is not None:
-                await lease.send({**head, "body": result.body})
+            if not answer.is_stream:
+                await lease.send({**head, "body": answer.body})
         except BaseException as exc:
             await lease.close(exc)
             raise
-        if result.body is not None:
+        if not answer.is_stream:
             await lease.close(None)
-            return result
-        assert result.chunks is not None
-        return ChatResult(chunks=_broadcast(head, result.chunks, lease))
+            return answer
+        return Answer(chunks=_broadcast(head, answer, lease))
 
-    async def _follow(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext) -> ChatResult:
+    async def _follow(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext) -> Answer:
         """The leading replica's answer; raises :class:`ChannelError` while none of it was handed on."""
         entries = channels.read(key, token)
         try:
@@ -130,8 +148,7 @@ class RedisInflight:
             ctx.deployment = Deployment.parse(head["deployment"]) if head["deployment"] else None
             if "body" in head:
                 await entries.aclose()
-                ctx.usage = head["body"].get("usage")
-                return ChatResult(body=head["body"])
+                return Answer(body=head["body"])
             first = await _entry(entries)
         except LeaderFailed as exc:
             await entries.aclose()
@@ -139,7 +156,7 @@ class RedisInflight:
         except BaseException:
             await entries.aclose()
             raise
-        return ChatResult(chunks=_relay(first, entries, ctx))
+        return Answer(chunks=_relay(first, entries))
 
     async def _outage(self, exc: ChannelUnavailable) -> None:
         log.warning("single flight: %s; identical requests meet on this replica only", exc)
@@ -192,7 +209,7 @@ class _Lease:
             await self._on_outage(exc)  # the lease lapses by itself: followers then stop waiting
 
 
-async def _broadcast(head: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], lease: _Lease) -> AsyncIterator[dict[str, Any]]:
+async def _broadcast(head: dict[str, Any], chunks: Answer, lease: _Lease) -> AsyncIterator[ChatCompletionChunk]:
     """The leader's stream, each chunk published before it is handed on."""
     error: BaseException | None = None
     try:
@@ -204,18 +221,16 @@ async def _broadcast(head: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]
         error = exc
         raise
     finally:
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()
+        await chunks.aclose()
         await lease.close(error)
 
 
-async def _relay(first: dict[str, Any], entries: AsyncGenerator[bytes, None], ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+async def _relay(first: ChatCompletionChunk, entries: AsyncGenerator[bytes, None]) -> AsyncIterator[ChatCompletionChunk]:
     """The rest of the leading replica's stream; a failure now is this stream's error."""
     try:
-        yield _noting_usage(first, ctx)
+        yield first
         async for data in entries:
-            yield _noting_usage(orjson.loads(data), ctx)
+            yield orjson.loads(data)
     except LeaderFailed as exc:
         raise _relayed(exc) or UpstreamError("The shared upstream call ended on another replica without an answer.") from exc
     except ChannelError as exc:
@@ -229,12 +244,6 @@ async def _entry(entries: AsyncIterator[bytes]) -> Any:
     if data is None:
         raise LeaderLost("the flight ended without an answer")
     return orjson.loads(data)
-
-
-def _noting_usage(chunk: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
-    if chunk.get("usage"):
-        ctx.usage = chunk["usage"]
-    return chunk
 
 
 def _failure(error: BaseException) -> str:

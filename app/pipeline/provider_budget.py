@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from app.errors import BackendRateLimitedError, BackendUnavailableError
-from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, Handler, RequestContext
 from app.pipeline.rate_limit import RateLimiter, settle_when_done
-
-
-def _usage_tokens(ctx: RequestContext) -> int | None:
-    usage = ctx.usage or {}
-    total = usage.get("total_tokens") or (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
-    return int(total) if total else None
 
 
 class ProviderBudgetLayer:
@@ -20,7 +15,7 @@ class ProviderBudgetLayer:
         self._next = next_handler
         self._limiter = limiter
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         assert ctx.deployment is not None
         provider = ctx.deployment.provider
         if provider not in self._limiter.limits:
@@ -29,11 +24,11 @@ class ProviderBudgetLayer:
         if reservation.wait_s > 0:
             raise BackendRateLimitedError(f"{provider} budget spent, frees up in {reservation.wait_s:.1f} s", backend=provider, retry_after=reservation.wait_s)
         try:
-            result = await self._next(request, ctx)
+            answer = await self._next(request, ctx)
         except BackendUnavailableError:
             await self._limiter.settle(reservation, 0, called=False)
             raise
         except BaseException:
-            await self._limiter.settle(reservation, _usage_tokens(ctx) or 0)
+            await self._limiter.settle(reservation, 0)
             raise
-        return await settle_when_done(self._limiter, reservation, result, lambda: _usage_tokens(ctx))
+        return await settle_when_done(self._limiter, reservation, answer, paid=True)

@@ -8,7 +8,7 @@ settled with the real usage after it — for a stream, when the stream ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app.clock import Clock
@@ -16,8 +16,8 @@ from app.config import Settings
 from app.errors import RateLimitError
 from app.events import EventBus
 from app.metrics import Metrics
-from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
-from app.pipeline.watch import watch_stream
+from app.pipeline.answer import Answer, spent_tokens
+from app.pipeline.base import ChatRequest, Handler, RequestContext
 from app.state import StateStore
 
 PERIOD_S = 60.0
@@ -163,27 +163,16 @@ class RateLimiter:
         return cls("provider", limits, state, clock, metrics, events)
 
 
-def tokens_spent(ctx: RequestContext) -> int | None:
-    """Tokens the request really cost upstream; None when unknown (the estimate then stands)."""
-    if ctx.cache_status == "hit" or ctx.dedupe_role == "follower":
-        return 0
-    usage = ctx.usage or {}
-    total = usage.get("total_tokens") or (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
-    return int(total) if total else None
+async def settle_when_done(limiter: RateLimiter, reservation: Reservation, answer: Answer, paid: bool) -> Answer:
+    """Settle with the tokens the answer cost once it is over (a stream that failed or was left
+    still cost what it used: the estimate stands when the provider never said)."""
 
+    async def settle(_: BaseException | None) -> None:
+        spent = spent_tokens(paid, answer.usage)
+        await limiter.settle(reservation, spent.total if spent is not None else None)
 
-async def settle_when_done(limiter: RateLimiter, reservation: Reservation, result: ChatResult, spent: Callable[[], int | None]) -> ChatResult:
-    """Settle now for a complete answer, or when the stream ends for a stream."""
-    if result.chunks is None:
-        await limiter.settle(reservation, spent())
-        return result
-
-    async def on_end(_: BaseException | None) -> None:
-        # a stream that failed or was abandoned still cost what it used: keep the estimate if unknown
-        await limiter.settle(reservation, spent())
-
-    result.chunks = watch_stream(result.chunks, on_end)
-    return result
+    await answer.when_done(settle)
+    return answer
 
 
 class AgentRateLimitLayer:
@@ -193,7 +182,7 @@ class AgentRateLimitLayer:
         self._next = next_handler
         self._limiter = limiter
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         if ctx.key is None or ctx.agent not in self._limiter.limits:
             return await self._next(request, ctx)
         reservation = await self._limiter.reserve(ctx.agent, request.estimated_tokens())
@@ -205,9 +194,9 @@ class AgentRateLimitLayer:
                 retry_after=reservation.wait_s,
             )
         try:
-            result = await self._next(request, ctx)
+            answer = await self._next(request, ctx)
         except BaseException:
-            # no answer: give the tokens back unless the upstream reported what it used
-            await self._limiter.settle(reservation, tokens_spent(ctx) or 0)
+            # no answer, no tokens spent
+            await self._limiter.settle(reservation, 0)
             raise
-        return await settle_when_done(self._limiter, reservation, result, lambda: tokens_spent(ctx))
+        return await settle_when_done(self._limiter, reservation, answer, ctx.paid_upstream)

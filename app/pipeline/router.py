@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from app.config import RoutingRule, Settings
 from app.errors import NotFoundError
-from app.pipeline.base import ChatRequest, ChatResult, Deployment, Handler, RequestContext
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,6 @@ class RouterLayer:
         self._next = next_handler
         self._router = router
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
+    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
         ctx.route, ctx.deployments, ctx.strategy = self._router.resolve(request, ctx.agent)
         return await self._next(request, ctx)

@@ -1,77 +1,168 @@
-"""Conversions between a complete ``chat.completion`` and a stream of ``chat.completion.chunk``."""
+"""A complete ``chat.completion`` and its ``chat.completion.chunk`` stream, each made from the other.
+
+Both directions keep every field a provider sent, known or not: a stream folded into an answer
+and an answer replayed as a stream say the same thing as the original (``reasoning_content``,
+``logprobs``, ``refusal``, ``annotations``, tool calls of any type, ``service_tier``,
+``system_fingerprint``, usage details, vendor fields such as ``x_groq``).
+
+Folding follows what OpenAI's SDKs do with a delta: a string adds to the string before it, an
+object merges key by key, a list of objects that carry an ``index`` (tool calls) merges entry by
+entry and any other list grows; ``index``, ``type``, ``id`` and ``role`` name things and are set,
+never added to.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
+from app.shapes import ChatCompletion, ChatCompletionChunk, ChunkChoice
 
-async def chunks_from_completion(body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """Replay a complete answer as chunks: role, content, finish (with tool calls), usage."""
-    base = {"id": body.get("id", ""), "object": "chat.completion.chunk", "created": body.get("created", 0), "model": body.get("model", "")}
-    if body.get("system_fingerprint"):
-        base["system_fingerprint"] = body["system_fingerprint"]
-    choices = body.get("choices") or []
-    yield {**base, "choices": [{"index": c.get("index", i), "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i, c in enumerate(choices)]}
-    for i, choice in enumerate(choices):
-        message = choice.get("message") or {}
-        delta: dict[str, Any] = {}
-        if message.get("content"):
-            delta["content"] = message["content"]
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{**tc, "index": n} for n, tc in enumerate(message["tool_calls"])]
-        if message.get("refusal"):
-            delta["refusal"] = message["refusal"]
-        if delta:
-            yield {**base, "choices": [{"index": choice.get("index", i), "delta": delta, "logprobs": None, "finish_reason": None}]}
-    yield {**base, "choices": [{"index": c.get("index", i), "delta": {}, "logprobs": None, "finish_reason": c.get("finish_reason") or "stop"} for i, c in enumerate(choices)]}
-    if body.get("usage"):
-        yield {**base, "choices": [], "usage": body["usage"]}
+#: keys whose value names something: a repeated one replaces, never concatenates
+_NAMING = frozenset({"index", "type", "id", "role"})
+#: per-chunk noise that is no part of the answer (OpenAI's stream obfuscation padding)
+_CHUNK_ONLY = frozenset({"obfuscation"})
+_CHOICE_OWN = frozenset({"index", "delta", "message", "finish_reason", "logprobs"})
+
+
+def _merge(into: dict[str, Any], delta: dict[str, Any]) -> None:
+    for key, value in delta.items():
+        if value is None:
+            into.setdefault(key, None)
+            continue
+        have = into.get(key)
+        if have is None or key in _NAMING:
+            into[key] = _copy(value)
+        elif isinstance(have, str) and isinstance(value, str):
+            into[key] = have + value
+        elif isinstance(have, dict) and isinstance(value, dict):
+            _merge(have, value)
+        elif isinstance(have, list) and isinstance(value, list):
+            _merge_list(have, value)
+        else:
+            into[key] = _copy(value)
+
+
+def _merge_list(into: list[Any], items: list[Any]) -> None:
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("index"), int):
+            slot = next((e for e in into if isinstance(e, dict) and e.get("index") == item["index"]), None)
+            if slot is not None:
+                _merge(slot, item)
+                continue
+        into.append(_copy(item))
+
+
+def _copy(value: Any) -> Any:
+    # folding adds to what it holds: a chunk's own objects must not change under the one who sent it
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 class ChunkAssembler:
-    """Folds chunks back into one ``chat.completion``; ``finished`` once every choice has a finish_reason."""
+    """Folds chunks into one ``chat.completion``; ``finished`` once every choice has a finish_reason."""
+
+    __slots__ = ("_head", "_choices", "usage")
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
 
-    def add(self, chunk: dict[str, Any]) -> None:
-        if not self._head:
-            self._head = {k: chunk.get(k) for k in ("id", "created", "model", "system_fingerprint") if chunk.get(k) is not None}
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            state = self._choices.setdefault(choice.get("index", 0), {"content": [], "tool_calls": {}, "finish_reason": None, "role": "assistant"})
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                state["content"].append(delta["content"])
-            for tc in delta.get("tool_calls") or ():
-                slot = state["tool_calls"].setdefault(tc.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-                if tc.get("id"):
-                    slot["id"] = tc["id"]
-                fn = tc.get("function") or {}
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
-            if choice.get("finish_reason"):
-                state["finish_reason"] = choice["finish_reason"]
+    def add(self, chunk: ChatCompletionChunk | dict[str, Any]) -> None:
+        for key, value in chunk.items():
+            if key == "choices":
+                for choice in value or ():
+                    self._add_choice(choice)
+            elif key == "usage":
+                if value:
+                    self.usage = value
+            elif key not in _CHUNK_ONLY and key != "object":
+                have = self._head.get(key)
+                if have is None:
+                    self._head[key] = _copy(value)
+                elif isinstance(have, dict) and isinstance(value, dict):
+                    _merge(have, value)  # e.g. x_groq: {id} first, {id, usage} last
+
+    def _add_choice(self, choice: ChunkChoice | dict[str, Any]) -> None:
+        index = choice.get("index", 0)
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = {"message": {}, "rest": {}, "finish_reason": None, "logprobs": None}
+        delta = choice.get("delta")
+        if delta:
+            _merge(state["message"], delta)
+        logprobs = choice.get("logprobs")
+        if logprobs:
+            if state["logprobs"] is None:
+                state["logprobs"] = {}
+            _merge(state["logprobs"], logprobs)
+        if choice.get("finish_reason"):
+            state["finish_reason"] = choice["finish_reason"]
+        for key, value in choice.items():
+            if key not in _CHOICE_OWN and value is not None:
+                state["rest"][key] = value
 
     @property
     def finished(self) -> bool:
         return bool(self._choices) and all(c["finish_reason"] for c in self._choices.values())
 
-    def result(self) -> dict[str, Any]:
+    def text(self) -> str | None:
+        """The first choice's content so far."""
+        state = self._choices.get(0)
+        return state["message"].get("content") if state else None
+
+    def result(self) -> ChatCompletion:
         choices = []
         for index in sorted(self._choices):
             state = self._choices[index]
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(state["content"]) or None}
-            if state["tool_calls"]:
-                message["tool_calls"] = [state["tool_calls"][i] for i in sorted(state["tool_calls"])]
-            elif message["content"] is None:
-                message["content"] = ""
-            choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": state["finish_reason"]})
-        body = {**self._head, "object": "chat.completion", "choices": choices}
+            message = dict(state["message"])
+            message.setdefault("role", "assistant")
+            message.setdefault("content", None)
+            if message.get("tool_calls"):
+                message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in message["tool_calls"]]
+            choices.append({"index": index, "message": message, "logprobs": state["logprobs"], "finish_reason": state["finish_reason"], **state["rest"]})
+        body: dict[str, Any] = {**self._head, "object": "chat.completion", "choices": choices}
         if self.usage:
             body["usage"] = self.usage
-        return body
+        return body  # type: ignore[return-value]
+
+
+def fold(chunks: list[ChatCompletionChunk] | list[dict[str, Any]]) -> ChatCompletion:
+    """The ``chat.completion`` a list of chunks amounts to."""
+    assembler = ChunkAssembler()
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.result()
+
+
+def replay(body: ChatCompletion | dict[str, Any]) -> Iterator[ChatCompletionChunk]:
+    """A complete answer as chunks: a role chunk, each choice's whole delta (with its logprobs),
+    a finish chunk, and a usage chunk when the answer has usage."""
+    base = {k: v for k, v in body.items() if k not in ("choices", "usage", "object")}
+    base["object"] = "chat.completion.chunk"
+    choices = body.get("choices") or []
+    opening = []
+    for i, choice in enumerate(choices):
+        message = choice.get("message") or {}
+        content = message.get("content")
+        opening.append({"index": choice.get("index", i), "delta": {"role": message.get("role") or "assistant", "content": "" if isinstance(content, str) else None}, "logprobs": None, "finish_reason": None})
+    yield {**base, "choices": opening}  # type: ignore[misc]
+    for i, choice in enumerate(choices):
+        message = choice.get("message") or {}
+        # the content's start went out with the role
+        delta = {k: v for k, v in message.items() if k != "role" and v is not None and not (k == "content" and v == "")}
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [{"index": n, **call} for n, call in enumerate(delta["tool_calls"])]
+        if delta or choice.get("logprobs"):
+            yield {**base, "choices": [{"index": choice.get("index", i), "delta": delta, "logprobs": choice.get("logprobs"), "finish_reason": None}]}  # type: ignore[misc]
+    closing = []
+    for i, choice in enumerate(choices):
+        rest = {k: v for k, v in choice.items() if k not in _CHOICE_OWN}
+        closing.append({"index": choice.get("index", i), "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason") or "stop", **rest})
+    yield {**base, "choices": closing}  # type: ignore[misc]
+    if body.get("usage"):
+        yield {**base, "choices": [], "usage": body["usage"]}  # type: ignore[misc]

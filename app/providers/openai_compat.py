@@ -85,6 +85,7 @@ class OpenAICompatibleProvider:
     async def _error_for(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         raw = await resp.content.read(_MAX_ERROR_BODY)
         detail = ""
+        err: Any = None
         try:
             err = orjson.loads(raw).get("error")
             detail = str(err.get("message") or "") if isinstance(err, dict) else str(err or "")
@@ -99,10 +100,20 @@ class OpenAICompatibleProvider:
         if status in (401, 403):
             return UpstreamAuthError(f"{self.name} rejected the gateway's provider key ({status})", backend=self.name)
         if status in (400, 404, 413, 422):
-            return UpstreamClientError(message, status=status, backend=self.name)
+            fields = err if isinstance(err, dict) else {}
+            return UpstreamClientError(
+                message, status=status, backend=self.name, error_type=self._field(fields, "type"), code=self._field(fields, "code"), param=self._field(fields, "param")
+            )
         if status in (408, 504):
             return UpstreamTimeoutError(message, backend=self.name)
         return UpstreamError(message, backend=self.name)
+
+    def _field(self, error: dict[str, Any], name: str) -> str | None:
+        """One of the provider's error fields, as short clean text (a code may come as a number)."""
+        value = error.get(name)
+        if value is None or isinstance(value, (dict, list, bool)):
+            return None
+        return self._clean(str(value))[:200] or None
 
     def _translate(self, exc: BaseException) -> UpstreamError:
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):

@@ -1,12 +1,17 @@
 """The shared-state interface: limits, breaker state, locks and small values.
 
 One replica uses :class:`~app.state.memory.MemoryStateStore`; several replicas share
-:class:`~app.state.redis.RedisStateStore`. Every operation is atomic in both.
+:class:`~app.state.redis.RedisStateStore`. Every operation is atomic in both. A store also makes
+what reaches as far as it does: the single-flight coordinator and the cache tier in front of the
+SQL table (in-process for memory, across replicas for Redis), so nothing else looks at the URL.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
+
+from app.pipeline.inflight import InflightCoordinator
+from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
 
 class StateStore(Protocol):
@@ -40,3 +45,17 @@ class StateStore(Protocol):
     async def ping(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+    def coordinator(self) -> InflightCoordinator:
+        """A new single-flight coordinator: identical in-flight requests meet as far as this store reaches.
+
+        The caller owns it (and closes it with ``aclose``).
+        """
+        ...
+
+    def cache_tier(self, table: SqlCacheTier) -> CacheTier:
+        """The response cache's persistent tier: ``table``, with whatever this store puts in front of it.
+
+        The caller owns the returned tier (its ``aclose`` closes ``table`` too).
+        """
+        ...

@@ -6,6 +6,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from app.pipeline.inflight import InflightCoordinator, LocalInflight
+from app.storage.cache_tiers import CacheTier, SqlCacheTier
+
 
 class MemoryStateStore:
     """Dicts on one event loop; each method runs without awaiting, so it is atomic."""
@@ -72,3 +75,11 @@ class MemoryStateStore:
 
     async def aclose(self) -> None:
         return None
+
+    def coordinator(self) -> InflightCoordinator:
+        """Identical requests meet within this process."""
+        return LocalInflight()
+
+    def cache_tier(self, table: SqlCacheTier) -> CacheTier:
+        """The table alone: nothing is shared that it does not already share."""
+        return table

@@ -33,8 +33,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.pipeline.inflight import InflightCoordinator
+from app.pipeline.inflight_redis import RedisInflight
 from app.state.memory import MemoryStateStore
+from app.state.redis_cache import LayeredTier, RedisCacheTier
 from app.state.redis_channels import RedisChannels
+from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
 if TYPE_CHECKING:
     from app.metrics import Metrics
@@ -155,6 +159,15 @@ class RedisStateStore:
         if self._channels is None:
             self._channels = RedisChannels.from_url(self._url, self._prefix)
         return self._channels
+
+    def coordinator(self) -> InflightCoordinator:
+        """Single flight across every replica on this Redis and prefix (in-process while it is down)."""
+        return RedisInflight(self)
+
+    def cache_tier(self, table: SqlCacheTier) -> CacheTier:
+        """Redis (same server and key prefix, a client of its own) in front of ``table``, skipped while Redis is down."""
+        client = open_client(self._url, timeout_s=0.5, connect_timeout_s=0.5)  # fails as fast as the state store
+        return LayeredTier(RedisCacheTier(client, self._prefix), table, self)
 
     # -- StateStore --------------------------------------------------------------------------
 

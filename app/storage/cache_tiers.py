@@ -1,40 +1,31 @@
 """Persistent tiers of the response cache: one small interface, the SQL table behind it.
 
-With ``state.url: redis://`` (several replicas) :func:`build_cache_tier` puts a Redis tier in front
-of the table: every replica reads what any of them stored, and the table still holds every entry,
-so nothing is lost while Redis is away.
+With ``state.url: redis://`` (several replicas) the state store puts a Redis tier in front of the
+table (:meth:`app.state.base.StateStore.cache_tier`, :mod:`app.state.redis_cache`): every replica
+reads what any of them stored, and the table still holds every entry, so nothing is lost while
+Redis is away.
 """
 
 from __future__ import annotations
 
-import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Insert, Table, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.config import Settings
-from app.state import StateStore
 from app.storage.db import BulkInsert
 from app.storage.key_filter import StoredKeys
 from app.storage.models import CacheEntry
 from app.storage.sqlite_reader import SqliteReader
-
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
-    from app.state.redis import RedisStateStore
 
 _TABLE = cast(Table, CacheEntry.__table__)
 #: rows deleted per statement when the sweep evicts (keeps bound parameters within limits)
 _EVICT_BATCH = 500
 #: one entry by key, unless expired; built once (the SQLite reader runs its compiled text)
 _READ = select(_TABLE.c.body, _TABLE.c.expires_at).where(_TABLE.c.key == bindparam("key"), _TABLE.c.expires_at > bindparam("now"))
-_EXPIRES_AT = struct.Struct(">d")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,108 +157,3 @@ class SqlCacheTier:
             await self._stored.aclose()
         if self._reader is not None:
             await self._reader.aclose()
-
-
-class RedisCacheTier:
-    """Entries as Redis strings ``{prefix}cache:{key}`` with a native TTL; every replica reads them.
-
-    A value is the entry's ``expires_at`` (8 bytes) then its bytes: the TTL is set relative to the
-    writer's clock, which need not be Redis's, so the expiry time itself decides at ``now``.
-    """
-
-    write_delay_s = 0.05
-
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
-        self._redis = client
-        self._prefix = prefix + "cache:"
-
-    async def get(self, key: str, now: float) -> bytes | None:
-        raw: bytes | None = await self._redis.get(self._prefix + key)
-        if raw is None or _EXPIRES_AT.unpack_from(raw)[0] <= now:
-            return None
-        return raw[_EXPIRES_AT.size :]
-
-    async def put(self, entries: Sequence[CacheWrite]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for e in entries:
-                ttl_ms = math.ceil((e.expires_at - e.created_at) * 1000)
-                if ttl_ms > 0:
-                    pipe.set(self._prefix + e.key, _EXPIRES_AT.pack(e.expires_at) + e.body, px=ttl_ms)
-            await pipe.execute()
-
-    async def sweep(self, now: float) -> int:
-        return 0  # Redis expires entries itself
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-
-class LayeredTier:
-    """Redis in front of the SQL table: reads try Redis, then the table (copying a find back to Redis); writes go to both.
-
-    Redis's health is the state store's: while it reports Redis down, Redis is skipped; a Redis
-    error makes it check (``ping``), so an outage is logged once, shown by ``admiral_state_degraded``
-    and readiness, and probed until Redis answers. An error while Redis answers is raised.
-    """
-
-    def __init__(self, redis: RedisCacheTier, sql: SqlCacheTier, state: RedisStateStore) -> None:
-        self._redis = redis
-        self._sql = sql
-        self._state = state
-        # other replicas read what Redis has: it gets entries as soon as Redis would alone
-        self.write_delay_s = redis.write_delay_s
-
-    async def get(self, key: str, now: float) -> bytes | None:
-        if not self._state.degraded:
-            try:
-                body = await self._redis.get(key, now)
-            except Exception as exc:
-                await self._redis_failed(exc)
-            else:
-                if body is not None:
-                    return body
-        entry = await self._sql.get_entry(key, now)
-        if entry is None:
-            return None
-        body, expires_at = entry
-        await self._put_redis([CacheWrite(key, "", body, now, expires_at)])  # stored during an outage, or evicted
-        return body
-
-    async def put(self, entries: Sequence[CacheWrite]) -> None:
-        try:
-            await self._put_redis(entries)
-        finally:
-            await self._sql.put(entries)
-
-    async def sweep(self, now: float) -> int:
-        return await self._redis.sweep(now) + await self._sql.sweep(now)
-
-    async def aclose(self) -> None:
-        try:
-            await self._redis.aclose()
-        finally:
-            await self._sql.aclose()
-
-    async def _put_redis(self, entries: Sequence[CacheWrite]) -> None:
-        if self._state.degraded:
-            return
-        try:
-            await self._redis.put(entries)
-        except Exception as exc:
-            await self._redis_failed(exc)
-
-    async def _redis_failed(self, exc: Exception) -> None:
-        if await self._state.ping():
-            raise exc  # Redis answers, so this is no outage but a fault to see
-
-
-def build_cache_tier(settings: Settings, engine: AsyncEngine, state: StateStore) -> CacheTier:
-    """The SQL table; with Redis state, Redis (same server and key prefix) in front of it."""
-    sql = SqlCacheTier(engine, max_total_bytes=settings.cache.max_total_bytes)
-    if settings.state.url.startswith("memory://"):
-        return sql
-    from app.state.redis import RedisStateStore, open_client  # loaded only where Redis is configured
-
-    assert isinstance(state, RedisStateStore), "a Redis state.url makes Services build a RedisStateStore"
-    client = open_client(settings.state.url, timeout_s=0.5, connect_timeout_s=0.5)  # fails as fast as the state store
-    return LayeredTier(RedisCacheTier(client, settings.state.key_prefix), sql, state)

@@ -7,7 +7,6 @@ import hashlib
 from app.config import KeyConfig
 from app.errors import AuthenticationError
 from app.memo import Recent
-from app.pipeline.base import ChatRequest, ChatResult, Handler, RequestContext
 
 
 def key_digest(key: str) -> str:
@@ -49,19 +48,3 @@ class Authenticator:
             raise AuthenticationError("Incorrect API key provided.")
         self._known.put(authorization, key)
         return key
-
-
-class AuthLayer:
-    """Resolves the agent from the gateway key before anything else runs."""
-
-    def __init__(self, next_handler: Handler, authenticator: Authenticator) -> None:
-        self._next = next_handler
-        self._auth = authenticator
-
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> ChatResult:
-        key = self._auth.identify(ctx.authorization)
-        if key is not None:
-            ctx.key = key
-            ctx.agent = key.agent
-            ctx.cache_namespace = key.cache_namespace
-        return await self._next(request, ctx)

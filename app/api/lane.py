@@ -1,0 +1,201 @@
+"""A plain-ASGI lane for a model endpoint, served before FastAPI's middleware and router.
+
+The gateway's busiest paths skip FastAPI's request objects, dependency solving, middleware and
+exception handlers (a third of a cache hit's CPU) and do their HTTP work here, once for every
+model endpoint: the head read in one pass, the request id, the body read within its limit, the
+gateway key, ``Cache-Control``, errors in OpenAI's shape, and the answer written as JSON or SSE.
+What to do with the request is the serving step's business (:mod:`app.serving`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from app.api.errors import error_response, method_not_allowed
+from app.api.middleware import RequestIds, declared_too_large, too_large
+from app.api.disconnect import DisconnectWatcher
+from app.api.sse import SSEResponse
+from app.errors import BadRequestError, GatewayError
+from app.pipeline.answer import Answer
+from app.pipeline.base import ChatRequest, RequestContext
+from app.serving import CLIENT_CLOSED
+
+if TYPE_CHECKING:
+    from app.services import Services
+
+log = logging.getLogger("admiral.api")
+
+#: what clients send JSON as: curl -d says form-urlencoded, some SDKs say text/plain
+_JSON_MEDIA_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded", "text/plain"})
+#: turns a request's body into the protocol-neutral request the serving step takes
+Parse = Callable[[bytes], ChatRequest]
+
+
+def check_content_type(value: str | None) -> None:
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media and media not in _JSON_MEDIA_TYPES and not media.endswith("+json"):
+        shown = media if len(media) <= 100 else media[:100] + "..."
+        raise BadRequestError(f"Unsupported Content-Type '{shown}': send the request body as application/json.", code="unsupported_media_type")
+
+
+def cache_directives(value: str | None) -> tuple[bool, bool]:
+    """(read, write) from a ``Cache-Control`` header: ``no-cache`` skips the read, ``no-store`` the write."""
+    if not value:
+        return True, True
+    directives = {d.strip().lower() for d in value.split(",")}
+    return "no-cache" not in directives, "no-store" not in directives
+
+
+def _header_value(text: str) -> str:
+    # a provider/model-id route may hold any unicode; header values must be printable latin-1
+    return text if text.isascii() and text.isprintable() else quote(text, safe="/:@!$&'()*+,;=~")
+
+
+def admiral_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """The ``x-admiral-*`` response headers, as ASGI sends them."""
+    headers = [(b"x-admiral-cache", ctx.cache_status.encode()), (b"x-admiral-route", _header_value(ctx.route).encode("latin-1"))]
+    if ctx.backend:
+        headers.append((b"x-admiral-backend", ctx.backend.encode("latin-1")))
+    if ctx.dedupe_role:
+        headers.append((b"x-admiral-dedupe", ctx.dedupe_role.encode()))
+    return headers
+
+
+class _Head:
+    """The request headers a lane reads, found in one pass (the first of each counts)."""
+
+    __slots__ = ("authorization", "cache_control", "content_length", "content_type", "request_id")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.request_id: bytes | None = None
+        self.content_length: bytes | None = None
+        self.authorization: str | None = None
+        self.content_type: str | None = None
+        self.cache_control: str | None = None
+        for name, value in reversed(headers):
+            if name == b"authorization":
+                self.authorization = value.decode("latin-1")
+            elif name == b"content-type":
+                self.content_type = value.decode("latin-1")
+            elif name == b"content-length":
+                self.content_length = value
+            elif name == b"cache-control":
+                self.cache_control = value.decode("latin-1")
+            elif name == b"x-request-id":
+                self.request_id = value
+
+
+async def read_body(receive: Receive, max_bytes: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        part: bytes = message.get("body", b"")
+        size += len(part)
+        if size > max_bytes:
+            raise too_large(max_bytes)
+        if not parts and not message.get("more_body"):
+            return part
+        parts.append(part)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+class JSONBytes:
+    """A 200 with an already-encoded JSON body: two ASGI messages and nothing else."""
+
+    __slots__ = ("body", "raw_headers")
+
+    def __init__(self, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.body = payload
+        self.raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class ModelLane:
+    """``POST`` on one model endpoint as plain ASGI: HTTP in, the serving step, HTTP out."""
+
+    def __init__(self, path: str, parse: Parse, services: Callable[[], Services], ids: RequestIds, max_body_bytes: int) -> None:
+        self.path = path
+        self._parse = parse
+        self._services = services
+        self._ids = ids
+        self._max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        head = _Head(scope["headers"])
+        request_id = self._ids.of(head.request_id)
+        answer: Response | JSONBytes
+        if scope["method"] != "POST":
+            answer = error_response(method_not_allowed(scope["method"], self.path, "POST"))
+        elif declared_too_large(head.content_length, self._max_body_bytes):
+            answer = error_response(too_large(self._max_body_bytes))
+        else:
+            try:
+                answer = await self._answer(request_id, head, receive)
+            except Exception:
+                log.exception("unhandled error on POST %s", self.path)
+                answer = error_response(GatewayError("The gateway hit an internal error."))
+        answer.raw_headers.append((b"x-request-id", request_id.encode()))
+        await answer(scope, receive, send)
+
+    async def _answer(self, request_id: str, head: _Head, receive: Receive) -> Response | JSONBytes:
+        services = self._services()
+        ctx = RequestContext(request_id=request_id)
+        task = asyncio.current_task(services.loop)
+        assert task is not None
+        watcher: DisconnectWatcher | None = None
+        asked_usage = False
+
+        async def read() -> ChatRequest:
+            nonlocal watcher, asked_usage
+            # the key first: a caller without one learns nothing about the body
+            ctx.identify(services.authenticator.identify(head.authorization))
+            check_content_type(head.content_type)
+            request = self._parse(await read_body(receive, self._max_body_bytes))
+            asked_usage = request.include_usage
+            ctx.cache_read, ctx.cache_write = cache_directives(head.cache_control)
+            watcher = DisconnectWatcher(receive, task)
+            return request
+
+        try:
+            answer = await services.serving(ctx, read)
+            if not answer.is_stream:
+                return JSONBytes(answer.encoded, admiral_headers(ctx))
+            return await _first_of(answer, ctx, task, asked_usage)
+        except GatewayError as exc:
+            return error_response(exc)
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.fired:
+                raise
+            task.uncancel()
+            return Response(status_code=CLIENT_CLOSED)
+        except ClientDisconnect:
+            # gone while sending the body: nobody to answer
+            return Response(status_code=CLIENT_CLOSED)
+        finally:
+            if watcher is not None:
+                watcher.stop()
+
+
+async def _first_of(answer: Answer, ctx: RequestContext, task: asyncio.Task[Any], include_usage: bool) -> SSEResponse:
+    """The SSE response, once the stream's first chunk is there (an error before it is a plain error answer)."""
+    try:
+        first = await anext(answer)
+    except BaseException:
+        await answer.aclose()
+        raise
+    return SSEResponse(first, answer, include_usage, admiral_headers(ctx), task)

@@ -1,0 +1,167 @@
+"""What the pipeline answers: one shape for a complete ``chat.completion`` and for a stream of chunks.
+
+A layer that must act when the answer is over (release a slot, settle a budget, store it, record
+the request) registers a hook with :meth:`Answer.when_done` instead of wrapping the stream; a
+layer that must see each chunk registers a tap with :meth:`Answer.on_chunk`. The stream is read
+once, by whoever delivers it, and the hooks run exactly once, in the order they were registered
+(the layer nearest the provider first), however the stream ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple
+
+import orjson
+
+from app.shapes import ChatCompletion, ChatCompletionChunk, Usage
+
+log = logging.getLogger("admiral.pipeline")
+
+#: called once with None (complete, or the stream ran to its end), the exception the stream
+#: failed with, or GeneratorExit (the reader let go of it)
+EndHook = Callable[[BaseException | None], Awaitable[None]]
+ChunkTap = Callable[[ChatCompletionChunk], None]
+
+
+class Answer:
+    """A complete answer (a dict or its encoded JSON, each made from the other when asked) or a stream."""
+
+    __slots__ = ("_body", "_encoded", "_source", "_taps", "_ends", "_over", "usage")
+
+    def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | None = None) -> None:
+        assert (chunks is None) != (body is None and encoded is None), "an answer is complete or a stream"
+        self._body = body
+        self._encoded = encoded
+        self._source = chunks
+        self._taps: list[ChunkTap] = []
+        self._ends: list[EndHook] = []
+        self._over = False
+        #: the usage the answer reports (a stream's once its usage chunk has passed)
+        self.usage: Usage | None = body.get("usage") if body is not None else None
+
+    @classmethod
+    def stored(cls, encoded: bytes, usage: Usage | None) -> Answer:
+        """A complete answer kept as JSON (from the cache): decoded only if someone reads it."""
+        answer = cls(encoded=encoded)
+        answer.usage = usage
+        return answer
+
+    @property
+    def is_stream(self) -> bool:
+        return self._source is not None
+
+    @property
+    def body(self) -> ChatCompletion:
+        if self._body is None:
+            assert self._encoded is not None, "a stream has no body"
+            self._body = orjson.loads(self._encoded)
+        return self._body
+
+    @property
+    def encoded(self) -> bytes:
+        if self._encoded is None:
+            self._encoded = orjson.dumps(self.body)
+        return self._encoded
+
+    @encoded.setter
+    def encoded(self, payload: bytes) -> None:
+        """The body's JSON made elsewhere (for the cache): the client gets the same bytes."""
+        self._encoded = payload
+
+    def on_chunk(self, tap: ChunkTap) -> None:
+        """Call ``tap`` with each chunk as it is read (never for a complete answer)."""
+        self._taps.append(tap)
+
+    async def when_done(self, hook: EndHook) -> None:
+        """Run ``hook`` when the answer is over: now for a complete answer, at the stream's end otherwise."""
+        if self._source is None:
+            await hook(None)
+        elif self._over:
+            log.warning("an end hook came after its stream ended")
+            await hook(None)
+        else:
+            self._ends.append(hook)
+
+    def __aiter__(self) -> Answer:
+        return self
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        assert self._source is not None, "a complete answer is not a stream"
+        try:
+            chunk = await anext(self._source)
+        except StopAsyncIteration:
+            await self._end(None)
+            raise
+        except BaseException as exc:
+            await self._end(exc)
+            raise
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for tap in self._taps:
+            tap(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        """Let go of the stream (ending it if still open) and run the end hooks."""
+        if self._source is not None:
+            await self._end(GeneratorExit())
+
+    async def _end(self, outcome: BaseException | None) -> None:
+        if self._over:
+            return
+        self._over = True
+        try:
+            close = getattr(self._source, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            for hook in self._ends:
+                try:
+                    await hook(outcome)
+                except Exception:
+                    # bookkeeping must never break the client's answer
+                    log.exception("answer end hook failed")
+
+
+def first_content(answer: Answer) -> Callable[[], str | None]:
+    """What the first choice says, for the request log: read from the body, or gathered from the stream."""
+    if not answer.is_stream:
+        def of_body() -> str | None:
+            choices = answer.body.get("choices") or ()
+            return (choices[0].get("message") or {}).get("content") if choices else None
+
+        return of_body
+    parts: list[str] = []
+
+    def tap(chunk: ChatCompletionChunk) -> None:
+        for choice in chunk.get("choices") or ():
+            content = (choice.get("delta") or {}).get("content")
+            if content and choice.get("index", 0) == 0:
+                parts.append(content)
+
+    answer.on_chunk(tap)
+    return lambda: "".join(parts)
+
+
+class Tokens(NamedTuple):
+    prompt: int
+    completion: int
+    total: int
+
+
+def spent_tokens(paid: bool, usage: Usage | dict[str, Any] | None) -> Tokens | None:
+    """The tokens a request paid upstream; None when the provider did not say.
+
+    ``paid`` is False for answers the request did not call upstream for (a cache hit, a dedupe
+    follower): they cost nothing, whatever the usage they carry.
+    """
+    if not paid:
+        return Tokens(0, 0, 0)
+    if not usage:
+        return None
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    total = int(usage.get("total_tokens") or 0) or prompt + completion
+    return Tokens(prompt, completion, total) if total else None
