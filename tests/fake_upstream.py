@@ -6,7 +6,9 @@
         up.script(["429:2", "ok"])       # per-call queue, popped by each chat request
         up.by_model = {"bad": "hang"}    # wins over script and global for that request model
         up.latency = 0.05                # slept on every request, before the behaviour
-        up.calls, up.requests, up.inflight, up.peak_inflight, up.cancelled, up.reset()
+        up.answers = {"m": (P, C)}       # a request for model "m" is answered with P / chunks C
+        up.hold(); ...; up.release()     # chat requests wait (counted in up.held) until released
+        up.calls, up.requests, up.inflight, up.peak_inflight, up.cancelled, up.held, up.reset()
 
 Behaviour syntax is ``name`` or ``name:arg`` (or a ``Behaviour`` instance):
 
@@ -23,6 +25,20 @@ Behaviour syntax is ``name`` or ``name:arg`` (or a ``Behaviour`` instance):
     cut              stream: role chunk + one content chunk, then the socket is closed;
                      plain: headers with the full content-length, half the body, then closed
     nodone           stream with everything (finish_reason, usage) except ``data: [DONE]``
+
+What an answer says: by default the echo above; for a request whose ``model`` is a key of
+``up.answers``, that provider answer instead: a pair ``(P, C)`` (or an object with ``completion``
+and ``chunks``) of a whole ``chat.completion`` P, sent as it is (its own id and model) to a plain
+request, and the ``chat.completion.chunk`` list C the provider streams for it with
+``stream_options.include_usage`` (the last chunk has ``choices: []`` and the usage). A streamed
+request gets C as ``data:`` lines and ``data: [DONE]``, without the usage chunk and the chunks'
+``usage`` keys unless it asked ``stream_options.include_usage`` (:func:`streamed_as`), as OpenAI
+does. The behaviour still decides how the answer is given: ``slow``, ``dribble``, ``cut`` and
+``nodone`` apply to provider answers too, and the error behaviours replace them.
+
+``up.hold()`` makes every chat request arriving afterwards wait, once counted in ``up.calls`` and
+after ``latency``, until ``up.release()``; ``up.held`` is how many wait now. Tests use it to make
+requests overlap without depending on timing.
 
 A plain ``ok`` answer sets a cookie (``upstream-session``), as providers behind a CDN do.
 ``GET /v1/models`` always answers ``up.models`` (latency applies). Every request is recorded in
@@ -103,6 +119,25 @@ def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": error}, status=status, headers=headers)
 
 
+def streamed_as(chunks: Iterable[dict[str, Any]], include_usage: bool) -> list[dict[str, Any]]:
+    """The chunks a provider streams to a request that asked ``include_usage`` or not.
+
+    ``chunks`` is the stream with ``include_usage``; without it, as OpenAI does, the usage-only
+    chunk (``choices: []``) is left out and no other chunk carries a ``usage`` key.
+    """
+    if include_usage:
+        return [dict(c) for c in chunks]
+    return [{k: v for k, v in c.items() if k != "usage"} for c in chunks if c.get("choices") or c.get("usage") is None]
+
+
+def _pair(answer: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if isinstance(answer, tuple):
+        completion, chunks = answer
+    else:
+        completion, chunks = answer.completion, answer.chunks
+    return completion, list(chunks)
+
+
 def _chunk(head: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> Any:
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     return {**head, "object": "chat.completion.chunk", "choices": [choice]}
@@ -115,9 +150,11 @@ class FakeUpstream:
         self.behaviour = behaviour
         self.by_model: dict[str, str | Behaviour] = {}
         self.latency = latency
+        self.answers: dict[str, Any] = {}
         self.models: list[str] = ["fake-model"]
         # counters are written under the lock by the server thread; reading them needs none
-        self.calls = self.inflight = self.peak_inflight = self.cancelled = 0
+        self.calls = self.inflight = self.peak_inflight = self.cancelled = self.held = 0
+        self._gate: asyncio.Event | None = None  # closed while set and not yet set(); loop thread only
         self.port = 0
         self._lock = threading.Lock()
         self._script: deque[str | Behaviour] = deque()
@@ -164,14 +201,57 @@ class FakeUpstream:
             self._script = deque(items)
 
     def reset(self, *, behaviours: bool = True) -> None:
-        """Clear recordings and counters; with ``behaviours`` also script, overrides, latency."""
+        """Clear recordings and counters; with ``behaviours`` also script, overrides, latency,
+        provider answers and a hold (requests held are let go)."""
         with self._lock:
             self._requests.clear()
             self.calls = self.cancelled = 0
             self.peak_inflight = self.inflight
             if behaviours:
                 self._script.clear()
-                self.behaviour, self.by_model, self.latency = "ok", {}, 0.0
+                self.behaviour, self.by_model, self.latency, self.answers = "ok", {}, 0.0, {}
+        if behaviours:
+            self.release()
+
+    def hold(self) -> None:
+        """Chat requests arriving from now on wait (counted in ``held``) until :meth:`release`."""
+        self._on_loop(self._close_gate)
+
+    def release(self) -> None:
+        """Let every held request go on, and stop holding new ones."""
+        if self._loop is not None:
+            self._on_loop(self._open_gate)
+
+    def _close_gate(self) -> None:
+        if self._gate is None:
+            self._gate = asyncio.Event()
+
+    def _open_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
+
+    def _on_loop(self, action: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the fake upstream is not running")
+
+        async def run() -> None:
+            action()
+
+        asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=5)
+
+    async def _pass_gate(self) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        with self._lock:
+            self.held += 1
+        try:
+            await gate.wait()
+        finally:
+            with self._lock:
+                self.held -= 1
 
     def _choose(self, body: Any) -> Behaviour:
         model = body.get("model") if isinstance(body, dict) else None
@@ -279,6 +359,7 @@ class FakeUpstream:
         name, arg = behaviour.name, behaviour.arg
         if self.latency:
             await asyncio.sleep(self.latency)
+        await self._pass_gate()
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400)
         if name == "status":
@@ -296,26 +377,40 @@ class FakeUpstream:
         if name == "slow":
             await asyncio.sleep(arg)
 
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        model = body.get("model")
+        answer = self.answers.get(model) if isinstance(model, str) else None
+        if answer is not None:
+            completion, chunks = _pair(answer)
+            if body.get("stream"):
+                return await self._send_events(request, behaviour, streamed_as(chunks, include_usage))
+            return await self._send_plain(request, behaviour, completion, rid)
+
         messages = [m for m in body["messages"] if isinstance(m, dict)]
         user = [m for m in messages if m.get("role") == "user"]
         content = "echo: " + (_text(user[-1].get("content")) if user else "")
         prompt = sum(len(_text(m.get("content")).split()) for m in messages)
-        completion = len(content.split())
+        completion_tokens = len(content.split())
         usage = {
             "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
         }
         head = {"id": rid, "created": int(time.time()), "model": body.get("model", "")}
         if body.get("stream"):
-            return await self._stream(request, body, behaviour, head, content, usage)
-
-        if name == "dribble":
-            await asyncio.sleep(arg)
+            return await self._send_events(request, behaviour, _echo_events(head, content, usage, include_usage))
         message = {"role": "assistant", "content": content}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         payload = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
-        if name != "cut":
+        return await self._send_plain(request, behaviour, payload, rid)
+
+    async def _send_plain(
+        self, request: web.Request, behaviour: Behaviour, payload: Any, rid: str
+    ) -> web.StreamResponse:
+        if behaviour.name == "dribble":
+            await asyncio.sleep(behaviour.arg)
+        if behaviour.name != "cut":
             # as providers behind a CDN do: a client that keeps cookies sends this one back
             return web.json_response(payload, headers={"Set-Cookie": f"upstream-session={rid}; Path=/"})
         raw = json.dumps(payload).encode()
@@ -325,28 +420,9 @@ class FakeUpstream:
         await resp.write(raw[: len(raw) // 2])
         return _abort(request, resp)
 
-    async def _stream(
-        self,
-        request: web.Request,
-        body: dict[str, Any],
-        behaviour: Behaviour,
-        head: dict[str, Any],
-        content: str,
-        usage: dict[str, int],
+    async def _send_events(
+        self, request: web.Request, behaviour: Behaviour, events: list[Any]
     ) -> web.StreamResponse:
-        opts = body.get("stream_options")
-        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-        if include_usage:  # as OpenAI does: every chunk carries usage, null until the last
-            head = {**head, "usage": None}
-        words = content.split(" ")
-        events = [_chunk(head, {"role": "assistant", "content": ""})]
-        events += [_chunk(head, {"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
-        events.append(_chunk(head, {}, "stop"))
-        if include_usage:
-            events.append(
-                {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-            )
-
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -362,6 +438,20 @@ class FakeUpstream:
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+def _echo_events(
+    head: dict[str, Any], content: str, usage: dict[str, int], include_usage: bool
+) -> list[Any]:
+    if include_usage:  # as OpenAI does: every chunk carries usage, null until the last
+        head = {**head, "usage": None}
+    words = content.split(" ")
+    events = [_chunk(head, {"role": "assistant", "content": ""})]
+    events += [_chunk(head, {"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+    events.append(_chunk(head, {}, "stop"))
+    if include_usage:
+        events.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+    return events
 
 
 def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:

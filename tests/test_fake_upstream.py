@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -102,3 +104,60 @@ def test_hang_times_out_on_client(up: FakeUpstream, client: httpx.Client) -> Non
 def test_unknown_behaviour_rejected(up: FakeUpstream) -> None:
     with pytest.raises(ValueError):
         up.script(["ok", "explode"])
+
+
+# -- provider answers and holding ------------------------------------------------------------
+
+ANSWER: Any = (
+    {
+        "id": "chatcmpl-p1",
+        "object": "chat.completion",
+        "created": 7,
+        "model": "provider-model-2025",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", "reasoning_content": "r"}, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "x_extra": {"a": 1},
+    },
+    [
+        {"id": "chatcmpl-p1", "object": "chat.completion.chunk", "created": 7, "model": "provider-model-2025", "usage": None, "choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": "r"}, "finish_reason": None}]},
+        {"id": "chatcmpl-p1", "object": "chat.completion.chunk", "created": 7, "model": "provider-model-2025", "usage": None, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
+        {"id": "chatcmpl-p1", "object": "chat.completion.chunk", "created": 7, "model": "provider-model-2025", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
+    ],
+)
+
+
+def test_provider_answer_plain_and_streamed(up: FakeUpstream, client: httpx.Client) -> None:
+    completion, chunks = ANSWER
+    up.answers = {"m": ANSWER}
+    assert client.post("/chat/completions", json=BODY).json() == completion  # its own id and model
+    with_usage = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    r = client.post("/chat/completions", json=with_usage)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert _sse(r.text) == [*chunks, "[DONE]"]
+    # as OpenAI does: without include_usage no usage chunk and no usage key
+    events = _sse(client.post("/chat/completions", json={**BODY, "stream": True}).text)
+    assert events == [{k: v for k, v in c.items() if k != "usage"} for c in chunks[:2]] + ["[DONE]"]
+    # other models still get the echo; behaviours still apply
+    assert client.post("/chat/completions", json={**BODY, "model": "other"}).json()["choices"][0]["message"]["content"] == "echo: hello big world"
+    up.behaviour = "status:503"
+    assert client.post("/chat/completions", json=BODY).status_code == 503
+    assert up.calls == 5
+    up.reset()
+    assert up.answers == {}
+
+
+def test_hold_keeps_requests_until_released(up: FakeUpstream, client: httpx.Client) -> None:
+    up.hold()
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(client.post, "/chat/completions", json=BODY) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while up.held < 2:
+            assert time.monotonic() < deadline, "the requests never reached the hold"
+            time.sleep(0.01)
+        assert up.calls == 2
+        assert not any(f.done() for f in pending)
+        up.release()
+        assert [f.result(timeout=5).status_code for f in pending] == [200, 200]
+    assert up.held == 0
+    # released: new requests pass at once
+    assert client.post("/chat/completions", json=BODY).status_code == 200
