@@ -1,11 +1,9 @@
-"""Load generation: wrk for throughput and latency, a small blocking client for streaming TTFB."""
+"""Load generation with wrk: throughput and latency of plain (non-streamed) answers. Streams: stream_load.py."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import statistics
 import subprocess
 import time
 import uuid
@@ -15,6 +13,7 @@ from pathlib import Path
 
 from fixtures import PROMPT_PAD, request_body
 from procs import HOST, pinned
+from upstream import JSON_PATH
 
 LUA = Path(__file__).with_name("load.lua")
 
@@ -37,18 +36,20 @@ class WrkResult:
 
 @dataclass(frozen=True)
 class Workload:
-    """The requests one wrk run sends."""
+    """The requests one run sends: wrk's, or the stream client's (``stream``, see stream_load.py)."""
 
     model: str
     unique: bool
     auth: str | None = None
     cache_control: str | None = None
+    stream: bool = False
+    path: str = JSON_PATH
 
     def env(self) -> dict[str, str]:
         # the body is HEAD .. TAIL; a unique prompt puts a per-run nonce and a counter between them
         marker = "@@"
         nonce = uuid.uuid4().hex[:12] if self.unique else "fixed"
-        body = request_body(self.model, f"[{nonce}-{marker}] {PROMPT_PAD}").decode()
+        body = request_body(self.model, f"[{nonce}-{marker}] {PROMPT_PAD}", stream=self.stream).decode()
         head, tail = body.split(marker)
         env = {"WRK_HEAD": head, "WRK_TAIL": tail, "WRK_UNIQUE": "1" if self.unique else "0"}
         if not self.unique:
@@ -59,9 +60,27 @@ class Workload:
             env["WRK_CACHE_CONTROL"] = self.cache_control
         return env
 
+    def bodies(self) -> Callable[[int], bytes]:
+        """Request ``i``'s body, as load.lua builds it: unique per ``i`` (and per call) or one fixed body."""
+        env = self.env()
+        head, tail = env["WRK_HEAD"].encode(), env["WRK_TAIL"].encode()
+        if not self.unique:
+            return lambda i: head + tail
+        return lambda i: head + str(i).encode() + tail
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.stream:
+            headers["Accept"] = "text/event-stream"
+        if self.auth:
+            headers["Authorization"] = f"Bearer {self.auth}"
+        if self.cache_control:
+            headers["Cache-Control"] = self.cache_control
+        return headers
+
 
 def wrk(port: int, work: Workload, *, connections: int, duration: float, cpus: str | None, stop_after: int | None = None) -> WrkResult:
-    """Run wrk (one thread) against ``POST /v1/chat/completions`` on ``port``.
+    """Run wrk (one thread) against ``POST {work.path}`` on ``port``.
 
     With ``stop_after`` the run ends after that many responses (``duration`` is then only a bound)
     and reports no latencies.
@@ -76,7 +95,7 @@ def wrk(port: int, work: Workload, *, connections: int, duration: float, cpus: s
         "--latency",
         "-s",
         str(LUA),
-        f"http://{HOST}:{port}/v1/chat/completions",
+        f"http://{HOST}:{port}{work.path}",
     ]
     env = {**os.environ, **work.env()}
     if stop_after:
@@ -91,40 +110,3 @@ def wrk(port: int, work: Workload, *, connections: int, duration: float, cpus: s
     errors = sum(data.get(k, 0) for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
     seconds = data["duration_us"] / 1e6 if "duration_us" in data else elapsed
     return WrkResult(data["requests"], seconds, data.get("p50_us", 0) / 1000, data.get("p90_us", 0) / 1000, data.get("p99_us", 0) / 1000, errors)
-
-
-@dataclass(frozen=True)
-class TtfbResult:
-    """Time from sending a streamed request to the first body byte, in milliseconds."""
-
-    median_ms: float
-    p90_ms: float
-    samples: int
-    errors: int
-
-
-def ttfb(port: int, path: str, body_for: Callable[[int], bytes], headers: dict[str, str], requests: int, warmup: int = 20) -> TtfbResult:
-    """Send ``requests`` streamed requests one after another on one keep-alive connection."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **headers}
-    samples: list[float] = []
-    errors = 0
-    try:
-        for i in range(warmup + requests):
-            body = body_for(i)
-            start = time.perf_counter()
-            conn.request("POST", path, body=body, headers=headers)
-            resp = conn.getresponse()
-            first = resp.read1(65536)
-            elapsed = time.perf_counter() - start
-            rest = first + resp.read()
-            if resp.status != 200 or b"data: [DONE]" not in rest:
-                errors += 1
-            elif i >= warmup:
-                samples.append(elapsed * 1000)
-    finally:
-        conn.close()
-    if not samples:
-        raise RuntimeError(f"no successful streamed request on port {port}{path}")
-    samples.sort()
-    return TtfbResult(statistics.median(samples), samples[int(len(samples) * 0.9) - 1], len(samples), errors)

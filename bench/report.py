@@ -40,11 +40,13 @@ TARGETS = (
     Target("cache misses: gateway / passthrough throughput", "gateway_rps", "passthrough_rps", 0.65, True),
     Target("c=1 p50: gateway / passthrough latency", "gateway_c1_p50_ms", "passthrough_c1_p50_ms", 1.5, False),
     Target("cache hits: gateway hits / constant throughput", "gateway_hits_rps", "constant_rps", 0.8, True),
+    Target("streams: gateway / passthrough chunks relayed", "stream_gateway_chunks_per_s", "stream_passthrough_chunks_per_s", 0.7, True),
     # RSS growth is last / first - 1 < 10 %, i.e. last / first < 1.10
     Target("RSS: after last mark / after first mark", "rss_last_mb", "rss_first_mb", 1.10, False),
 )
 
 INFO = (
+    ("stream TTFB: gateway / passthrough", "ttfb_gateway_ms", "ttfb_passthrough_ms"),
     ("stream TTFB: gateway / direct", "ttfb_gateway_ms", "ttfb_direct_ms"),
     ("workers: 2 / 1 throughput", "gateway_2w_rps", "gateway_1w_rps"),
 )
@@ -68,9 +70,9 @@ def ratios(figures: dict[str, float], rounds: dict[str, list[float]] | None = No
                 row["per_round"] = [round(r, 3) for r in paired]
                 row["per_round_median"] = round(statistics.median(paired), 3)
             out.append(row)
-    for name, num, den in INFO:
-        if num in figures and figures.get(den):
-            out.append({"name": name, "ratio": round(figures[num] / figures[den], 3), "target": None, "met": None})
+    for name, num_key, den_key in INFO:
+        if num_key in figures and figures.get(den_key):
+            out.append({"name": name, "ratio": round(figures[num_key] / figures[den_key], 3), "target": None, "met": None})
     return out
 
 
@@ -120,7 +122,11 @@ LABELS = {
     "gateway_c1_p50_ms": ("gateway, c=1 p50 (misses)", "ms"),
     "constant_rps": ("constant FastAPI endpoint, c=50", "req/s"),
     "gateway_hits_rps": ("gateway, cache hits, c=50", "req/s"),
+    "stream_ceiling_chunks_per_s": ("stream client straight to nginx (its ceiling)", "chunk/s"),
+    "stream_passthrough_chunks_per_s": ("passthrough, streams relayed, c=50", "chunk/s"),
+    "stream_gateway_chunks_per_s": ("gateway, streams relayed (cache misses), c=50", "chunk/s"),
     "ttfb_direct_ms": ("stream TTFB, direct to nginx (median)", "ms"),
+    "ttfb_passthrough_ms": ("stream TTFB, through the passthrough (median)", "ms"),
     "ttfb_gateway_ms": ("stream TTFB, through the gateway (median)", "ms"),
     "gateway_1w_rps": ("gateway --workers 1, misses, unpinned", "req/s"),
     "gateway_2w_rps": ("gateway --workers 2, misses, unpinned", "req/s"),

@@ -1,8 +1,9 @@
 """Admiral Optimizer overhead benchmark: ``python bench/run.py [--quick] [--duration S]``.
 
 Starts nginx as a static upstream, then measures a FastAPI + aiohttp passthrough, a constant
-FastAPI endpoint and the gateway against it with wrk, prints every figure and the ratios against
-the targets of issue 8, and writes them to ``bench/results/latest.json``. See bench/README.md.
+FastAPI endpoint and the gateway against it with wrk (and, for streamed answers, with the stream
+client of stream_load.py), prints every figure and the ratios against the targets of issue 8,
+and writes them to ``bench/results/latest.json``. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(BENCH))
 
 import tools
 
-SCENARIOS = ("baselines", "gateway", "workers", "rss")
+SCENARIOS = ("baselines", "gateway", "stream", "workers", "rss")
 #: share of CPU time busy with no benchmark running above which the figures are not trustworthy
 BUSY = 0.10
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each run (default 2)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections for throughput runs (default 50)")
-    p.add_argument("--ttfb-requests", type=int, default=300, help="streamed requests per TTFB median (default 300)")
+    p.add_argument("--ttfb-requests", type=int, default=300, help="streamed requests per TTFB median, per round (default 300)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the baseline and gateway runs, figures are medians (default 5, --quick 3)")
     p.add_argument("--quick", action="store_true", help="3 rounds, and RSS marks at 2k/20k requests instead of 10k/100k")
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     upstream_port = free_port()
     bench = Bench(args.duration, args.warmup, args.connections, args.ttfb_requests, rss_marks, plan, workdir, upstream_port, gateway_cmd, args.rounds)
     with nginx_server(workdir / "nginx", upstream_port, plan.load):
-        if "baselines" in args.only or "gateway" in args.only:
-            bench.compare(with_baselines="baselines" in args.only, with_gateway="gateway" in args.only)
+        if {"baselines", "gateway", "stream"} & set(args.only):
+            bench.compare(with_baselines="baselines" in args.only, with_gateway="gateway" in args.only, with_stream="stream" in args.only)
         for name in ("workers", "rss"):
             if name in args.only:
                 getattr(bench, name)()

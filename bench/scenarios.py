@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import servers
-from fixtures import PROMPT_PAD, request_body
-from load import Workload, WrkResult, ttfb, wrk
+from load import Workload, WrkResult, wrk
 from procs import CpuPlan, Server, http_call
-from upstream import JSON_PATH, STREAM_PATH
+from stream_load import StreamResult, stream_load
+from upstream import STREAM_PATH
 
-GATEWAY_AUTH = {"Authorization": f"Bearer {servers.GATEWAY_KEY}"}
+#: the ceiling each kind of throughput figure is compared with: what its load generator sends straight to nginx
+CEILINGS = {"_rps": "wrk_ceiling_rps", "_chunks_per_s": "stream_ceiling_chunks_per_s"}
+#: unmeasured streams before a TTFB median (first round only)
+TTFB_WARMUP = 20
 
 
 @dataclass
@@ -42,18 +44,16 @@ class Bench:
 
     def record(self, key: str, value: float, unit: str, label: str, note: str = "") -> None:
         self.figures[key] = round(value, 3)
-        print(f"  {label:<52} {value:>10.2f} {unit:<5} {note}".rstrip(), flush=True)
+        print(f"  {label:<52} {value:>10.2f} {unit:<7} {note}".rstrip(), flush=True)
 
     def check(self, server: Server, work: Workload) -> dict[str, str]:
-        """One request of the workload must come back 200 with a chat completion."""
-        headers = {"Content-Type": "application/json"}
-        if work.auth:
-            headers["Authorization"] = f"Bearer {work.auth}"
-        if work.cache_control:
-            headers["Cache-Control"] = work.cache_control
-        prompt = f"[check-{uuid.uuid4().hex[:8]}] {PROMPT_PAD}" if work.unique else None
-        body = request_body(work.model, prompt) if prompt else _fixed_body(work)
-        status, resp_headers, data = http_call(server.port, "POST", JSON_PATH, body, headers)
+        """One request of the workload must come back 200 with a chat completion (or a whole stream)."""
+        if work.stream:
+            result = stream_load(server.port, work, connections=1, requests=1)
+            if result.errors:
+                raise RuntimeError(f"{server.name} streamed a bad answer: {result.first_error}")
+            return {}
+        status, resp_headers, data = http_call(server.port, "POST", work.path, work.bodies()(0), work.headers())
         if status != 200 or "choices" not in json.loads(data):
             raise RuntimeError(f"{server.name} answered {status}: {data[:300]!r}")
         return resp_headers
@@ -67,12 +67,34 @@ class Bench:
             self.warnings.append(f"{server.name}: {result.errors} errors of {result.requests} requests")
         return result
 
+    def stream(self, server: Server, work: Workload, connections: int, *, warm: bool = True, ttfb: bool = False) -> StreamResult:
+        """Streams of ``work``: ``--ttfb-requests`` of them for a TTFB median, else ``--duration`` seconds."""
+        self.check(server, work)
+        if ttfb:
+            result = stream_load(server.port, work, connections=connections, requests=self.ttfb_requests, warmup=TTFB_WARMUP if warm else 0)
+        else:
+            if warm and self.warmup > 0:
+                stream_load(server.port, work, connections=connections, duration=self.warmup)
+            result = stream_load(server.port, work, connections=connections, duration=self.duration)
+        if result.errors:
+            self.warnings.append(f"{server.name}: {result.errors} bad streams of {result.errors + result.streams}, the first: {result.first_error}")
+        return result
+
+    def measure(self, key: str, server: Server, work: Workload, connections: int, warm: bool) -> float:
+        """One run for figure ``key``: its throughput, or its median latency (``_ms``)."""
+        if work.stream:
+            streamed = self.stream(server, work, connections, warm=warm, ttfb=key.endswith("_ms"))
+            return streamed.ttfb_p50_ms if key.endswith("_ms") else streamed.chunks_per_s
+        result = self.load(server, work, connections, warm=warm)
+        return result.p50_ms if key.endswith("_ms") else result.rps
+
     def ceiling_check(self) -> None:
         """Warn when a server got near what the load generator alone can send."""
-        ceiling = self.figures.get("wrk_ceiling_rps")
-        for key, value in self.figures.items():
-            if ceiling and key.endswith("_rps") and key != "wrk_ceiling_rps" and value > 0.5 * ceiling:
-                self.warnings.append(f"{key} is over half the load generator ceiling; wrk may be the limit")
+        for suffix, ceiling_key in CEILINGS.items():
+            ceiling = self.figures.get(ceiling_key)
+            for key, value in self.figures.items():
+                if ceiling and key.endswith(suffix) and key != ceiling_key and value > 0.5 * ceiling:
+                    self.warnings.append(f"{key} is over half the load generator ceiling ({ceiling_key}); the load generator may be the limit")
 
     def _gateway(self, cpus: str | None, workers: int = 1, name: str = "gateway") -> Server:
         assert self.gateway_cmd is not None
@@ -80,64 +102,72 @@ class Bench:
 
     # -- scenarios -------------------------------------------------------------------------------
 
-    def compare(self, with_baselines: bool, with_gateway: bool) -> None:
+    def compare(self, with_baselines: bool, with_gateway: bool, with_stream: bool = False) -> None:
         """Passthrough, constant endpoint and gateway side by side, their runs interleaved in rounds.
 
         All servers run at once on the server core (only the one under load does any work), and
         each round measures every figure once, so a slow minute of the machine lands on all of
-        them alike; every figure is the median of its rounds.
+        them alike; every figure is the median of its rounds. ``with_stream`` adds the streamed
+        workload: the passthrough's and the gateway's stream runs, both always.
         """
-        which = " and ".join(name for name, on in (("baselines", with_baselines), ("gateway", with_gateway)) if on)
+        which = ", ".join(name for name, on in (("baselines", with_baselines), ("gateway", with_gateway), ("streams", with_stream)) if on)
         print(f"{which}, 1 worker, {self.rounds} interleaved rounds", flush=True)
+        c = self.connections
         misses = Workload("bench", unique=True)
         gw_misses = Workload("bench", unique=True, auth=servers.GATEWAY_KEY)
         gw_hits = Workload("bench", unique=False, auth=servers.GATEWAY_KEY)
+        # streams: unique prompts (cache misses through the gateway's whole streaming path)
+        streams = Workload("bench-stream", unique=True, stream=True, path=STREAM_PATH)
+        gw_streams = Workload("bench-stream", unique=True, auth=servers.GATEWAY_KEY, stream=True)
+        # nginx shares the load core with the load generator here, so these bound what it can send at all
         if with_baselines:
-            # nginx shares the load core with wrk here, so this bounds what wrk can send at all
-            ceiling = wrk(self.upstream_port, misses, connections=self.connections, duration=min(self.duration, 5), cpus=self.plan.load)
+            ceiling = wrk(self.upstream_port, misses, connections=c, duration=min(self.duration, 5), cpus=self.plan.load)
             self.record("wrk_ceiling_rps", ceiling.rps, "req/s", "wrk straight to nginx (load generator ceiling)")
+        if with_stream:
+            client_ceiling = stream_load(self.upstream_port, streams, connections=c, duration=min(self.duration, 5))
+            self.record("stream_ceiling_chunks_per_s", client_ceiling.chunks_per_s, "chunk/s", "stream client straight to nginx (its ceiling)")
         with contextlib.ExitStack() as started:
-            # (figure, label, server, workload, connections), each baseline run next to its gateway run
-            runs: list[tuple[str, str, Server, Workload, int]] = []
+            up: dict[str, Server] = {}
+            if with_baselines or with_stream:
+                up["passthrough"] = started.enter_context(servers.passthrough(self.workdir, self.upstream_port, self.plan.server))
             if with_baselines:
-                passthrough = started.enter_context(servers.passthrough(self.workdir, self.upstream_port, self.plan.server))
-                constant = started.enter_context(servers.constant(self.workdir, self.plan.server))
+                up["constant"] = started.enter_context(servers.constant(self.workdir, self.plan.server))
+            if with_gateway or with_stream:
+                up["gateway"] = started.enter_context(self._gateway(self.plan.server))
             if with_gateway:
-                gw = started.enter_context(self._gateway(self.plan.server))
-                self.check(gw, gw_hits)
-                cache = self.check(gw, gw_hits).get("x-admiral-cache", "<no header>")
+                self.check(up["gateway"], gw_hits)
+                cache = self.check(up["gateway"], gw_hits).get("x-admiral-cache", "<no header>")
                 if cache != "hit":
                     self.warnings.append(f"gateway: a repeated request answered x-admiral-cache: {cache}")
-            for pair in (
-                (("passthrough_rps", f"passthrough, unique prompts, c={self.connections}", misses, self.connections),
-                 ("gateway_rps", f"gateway, unique prompts (cache misses), c={self.connections}", gw_misses, self.connections)),
-                (("constant_rps", f"constant endpoint, c={self.connections}", Workload("bench", unique=False), self.connections),
-                 ("gateway_hits_rps", f"gateway, one fixed prompt (cache hits), c={self.connections}", gw_hits, self.connections)),
-                (("passthrough_c1_p50_ms", "passthrough, c=1 p50", misses, 1), ("gateway_c1_p50_ms", "gateway, c=1 p50 (misses)", gw_misses, 1)),
-            ):
-                (base_key, base_label, base_work, base_c), (gw_key, gw_label, gw_work, gw_c) = pair
-                if with_baselines:
-                    runs.append((base_key, base_label, constant if base_key == "constant_rps" else passthrough, base_work, base_c))
-                if with_gateway:
-                    runs.append((gw_key, gw_label, gw, gw_work, gw_c))
+            # (figure, label, server, workload, connections): each baseline run next to its gateway run
+            plain = (
+                (("passthrough_rps", f"passthrough, unique prompts, c={c}", "passthrough", misses, c),
+                 ("gateway_rps", f"gateway, unique prompts (cache misses), c={c}", "gateway", gw_misses, c)),
+                (("constant_rps", f"constant endpoint, c={c}", "constant", Workload("bench", unique=False), c),
+                 ("gateway_hits_rps", f"gateway, one fixed prompt (cache hits), c={c}", "gateway", gw_hits, c)),
+                (("passthrough_c1_p50_ms", "passthrough, c=1 p50", "passthrough", misses, 1),
+                 ("gateway_c1_p50_ms", "gateway, c=1 p50 (misses)", "gateway", gw_misses, 1)),
+            )
+            streamed = (
+                (("stream_passthrough_chunks_per_s", f"passthrough, streams relayed, c={c}", "passthrough", streams, c),
+                 ("stream_gateway_chunks_per_s", f"gateway, streams relayed (cache misses), c={c}", "gateway", gw_streams, c)),
+                (("ttfb_passthrough_ms", "passthrough, stream TTFB c=1 (median)", "passthrough", streams, 1),
+                 ("ttfb_gateway_ms", "gateway, stream TTFB c=1 (median, misses)", "gateway", gw_streams, 1)),
+            )
+            sides = [(plain, with_baselines, with_gateway), (streamed, with_stream, with_stream)]
+            runs = [run for pairs, base_on, gw_on in sides for base, gw in pairs for run, on in ((base, base_on), (gw, gw_on)) if on]
             samples: dict[str, list[float]] = {}
             for round_number in range(self.rounds):
-                for key, _, server, work, connections in runs:
-                    result = self.load(server, work, connections, warm=round_number == 0)
-                    samples.setdefault(key, []).append(result.p50_ms if key.endswith("_ms") else result.rps)
+                for key, _, name, work, connections in runs:
+                    samples.setdefault(key, []).append(self.measure(key, up[name], work, connections, warm=round_number == 0))
             self.rounds_seen.update({key: [round(v, 3) for v in values] for key, values in samples.items()})
             for key, label, *_ in runs:
                 values = samples[key]
                 note = f"median of {len(values)}, {min(values):.2f} to {max(values):.2f}"
-                self.record(key, statistics.median(values), "ms" if key.endswith("_ms") else "req/s", label, note)
-            if with_gateway:
-                streamed = ttfb(gw.port, JSON_PATH, _stream_body, GATEWAY_AUTH, self.ttfb_requests)
-                if streamed.errors:
-                    self.warnings.append(f"gateway: {streamed.errors} streamed requests failed")
-                self.record("ttfb_gateway_ms", streamed.median_ms, "ms", f"stream TTFB through the gateway (median of {streamed.samples})")
-        if with_baselines:
-            direct = ttfb(self.upstream_port, STREAM_PATH, _stream_body, {}, self.ttfb_requests)
-            self.record("ttfb_direct_ms", direct.median_ms, "ms", f"stream TTFB direct to nginx (median of {direct.samples})")
+                self.record(key, statistics.median(values), _unit(key), label, note)
+        if with_stream:
+            direct = stream_load(self.upstream_port, streams, connections=1, requests=self.ttfb_requests, warmup=TTFB_WARMUP)
+            self.record("ttfb_direct_ms", direct.ttfb_p50_ms, "ms", f"stream TTFB direct to nginx (median of {direct.streams})")
 
     def workers(self) -> None:
         """Misses throughput with 1 worker and with 2, each free to use every core."""
@@ -169,10 +199,7 @@ class Bench:
                 self.record(key, gw.rss_mb(), "MiB", f"gateway RSS after {done} requests")
 
 
-def _stream_body(i: int) -> bytes:
-    return request_body("bench-stream", f"[stream-{uuid.uuid4().hex[:8]}-{i}] {PROMPT_PAD}", stream=True)
-
-
-def _fixed_body(work: Workload) -> bytes:
-    env = work.env()
-    return (env["WRK_HEAD"] + env["WRK_TAIL"]).encode()
+def _unit(key: str) -> str:
+    if key.endswith("_ms"):
+        return "ms"
+    return "chunk/s" if key.endswith("_chunks_per_s") else "req/s"

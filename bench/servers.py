@@ -1,4 +1,4 @@
-"""The three Python servers the benchmark compares: passthrough, constant endpoint, gateway."""
+"""The three Python servers the benchmark compares: passthrough (plain and streamed), constant endpoint, gateway."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from procs import HOST, Server, free_port, pinned
+from upstream import JSON_PATH, STREAM_PATH
 
 BENCH = Path(__file__).resolve().parent
 GATEWAY_KEY = "bench-gateway-key-0123456789"
@@ -41,7 +42,7 @@ def uvicorn_app(name: str, module: str, workdir: Path, cpus: str | None, env: di
 
 
 def passthrough(workdir: Path, upstream_port: int, cpus: str | None) -> Server:
-    env = {"BENCH_UPSTREAM_URL": f"http://{HOST}:{upstream_port}/v1/chat/completions"}
+    env = {"BENCH_UPSTREAM_URL": f"http://{HOST}:{upstream_port}{JSON_PATH}", "BENCH_UPSTREAM_STREAM_URL": f"http://{HOST}:{upstream_port}{STREAM_PATH}"}
     return uvicorn_app("passthrough", "passthrough", workdir, cpus, env)
 
 

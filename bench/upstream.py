@@ -1,7 +1,7 @@
 """The static upstream: nginx on loopback answering chat completions from its config, no disk I/O.
 
 ``/v1/chat/completions`` returns the fixed JSON completion; ``/stream/v1/chat/completions`` returns
-the same answer as an SSE body. The gateway always POSTs to ``{base_url}/chat/completions``, so a
+a streamed answer as an SSE body of ``STREAM_CHUNKS`` events (see fixtures.py). The gateway always POSTs to ``{base_url}/chat/completions``, so a
 second provider whose base_url ends in ``/stream/v1`` is how it reaches the streaming body.
 """
 
@@ -16,11 +16,24 @@ from procs import HOST, Server, pinned
 
 JSON_PATH = "/v1/chat/completions"
 STREAM_PATH = "/stream/v1/chat/completions"
+#: characters of a body per nginx string (before escaping), well under its 4 KiB token buffer
+_PIECE = 2048
 
 
 def _nginx_string(text: str) -> str:
     # nginx reads \n, \t, \\ and \' inside a quoted string as escapes
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _nginx_return(text: str, name: str) -> str:
+    """Directives that answer 200 with ``text``: one ``return``, or, for a body longer than nginx
+    reads as one config token (4 KiB), ``set`` directives holding pieces of it and a ``return``
+    joining them (evaluated per request: a copy of a few KiB)."""
+    pieces = [text[i : i + _PIECE] for i in range(0, len(text), _PIECE)]
+    if len(pieces) == 1:
+        return f"return 200 {_nginx_string(text)};"
+    sets = "".join(f"set ${name}_{i} {_nginx_string(piece)};\n            " for i, piece in enumerate(pieces))
+    return sets + 'return 200 "' + "".join(f"${name}_{i}" for i in range(len(pieces))) + '";'
 
 
 def nginx_conf(workdir: Path, port: int) -> str:
@@ -44,11 +57,11 @@ http {{
         listen {HOST}:{port};
         location = {JSON_PATH} {{
             default_type application/json;
-            return 200 {_nginx_string(completion())};
+            {_nginx_return(completion(), "completion")}
         }}
         location = {STREAM_PATH} {{
             default_type text/event-stream;
-            return 200 {_nginx_string(sse_stream())};
+            {_nginx_return(sse_stream(), "stream")}
         }}
         location = /health {{ return 200 'ok'; }}
         location / {{ return 404; }}
