@@ -116,6 +116,9 @@ def _text(content: Any) -> str:
 def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
     kind = _ERROR_TYPES.get(status, "server_error")
     error = {"message": f"fake upstream error {status}", "type": kind, "param": None, "code": None}
+    if status == 400:
+        # as OpenAI refuses a prompt longer than the model's context
+        error.update(type="invalid_request_error", param="messages", code="context_length_exceeded")
     return web.json_response({"error": error}, status=status, headers=headers)
 
 

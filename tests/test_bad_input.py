@@ -111,6 +111,8 @@ def _with(**fields: Any) -> dict[str, Any]:
         (_with(stream=1), "stream", "boolean"),
         (_with(stream_options="x"), "stream_options", "dictionary"),
         (_with(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage", "boolean"),
+        (_with(stream_options={"include_usage": True}), "stream_options", "only allowed when 'stream' is true"),
+        (_with(stream=False, stream_options={"include_usage": True}), "stream_options", "only allowed when 'stream' is true"),
         (_with(n=0), "n", "greater than or equal to 1"),
         (_with(n=1000), "n", "less than or equal to 128"),
         (_with(n="2"), "n", "valid integer"),

@@ -296,6 +296,18 @@ def test_upstream_rejecting_the_request_is_passed_on_not_failed_over(gw: Gateway
     assert (up.calls, up2.calls) == (1, 0)  # the caller's mistake: another backend would refuse it too
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_refusal_keeps_its_type_code_and_param(fresh_gw: GatewayServer, up: FakeUpstream, stream: bool) -> None:
+    up.behaviour = "status:400"
+    sdk = openai.OpenAI(base_url=fresh_gw.base_url, api_key=AGENT_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model="solo", messages=[{"role": "user", "content": "a very long prompt"}], stream=stream)
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "context_length_exceeded", "messages")
+    assert "fake upstream error 400" in error["message"]
+
+
 def test_upstream_rejecting_our_key_is_502_and_fails_over(client: httpx.Client, up: FakeUpstream, up2: FakeUpstream) -> None:
     up.behaviour = "status:401"
     r = ask(client, "fast")
