@@ -1,6 +1,6 @@
 """Profile the gateway with py-spy under the cache-miss (or cache-hit) load of the benchmark.
 
-``python bench/profile_gateway.py [--duration 20] [--hits]`` writes ``bench/results/profile.svg`` (a flame
+``python bench/profile_gateway.py [--duration 20] [--hits] [--stream]`` writes ``bench/results/profile.svg`` (a flame
 graph) and ``profile.txt`` (collapsed stacks), and prints the functions with the most samples,
 by own time and by time including callees, counting only the thread that holds the GIL (the
 work that limits a one-process asyncio server). Needs ``pip install py-spy``.
@@ -23,6 +23,7 @@ import servers
 import tools
 from load import Workload, wrk
 from procs import CpuPlan, free_port
+from stream_load import stream_load
 from upstream import nginx_server
 
 
@@ -46,6 +47,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=int, default=20)
     p.add_argument("--hits", action="store_true", help="profile cache hits instead of misses")
+    p.add_argument("--stream", action="store_true", help="profile the streamed workload (40-chunk SSE answers)")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
     tools.ensure_system_tools()
@@ -60,15 +62,20 @@ def main() -> int:
     workdir.mkdir(parents=True)
     upstream_port = free_port()
     work = Workload("bench", unique=not args.hits, auth=servers.GATEWAY_KEY)
+    if args.stream:
+        work = Workload("bench-stream", unique=not args.hits, auth=servers.GATEWAY_KEY, stream=True)
     with nginx_server(workdir / "nginx", upstream_port, plan.load), servers.gateway(command, workdir, upstream_port, plan.server) as gw:
         assert gw.proc is not None
-        load = threading.Thread(target=wrk, args=(gw.port, work), kwargs={"connections": 50, "duration": args.duration + 4, "cpus": plan.load})
+        if args.stream:
+            load = threading.Thread(target=stream_load, args=(gw.port, work), kwargs={"connections": 50, "duration": args.duration + 4})
+        else:
+            load = threading.Thread(target=wrk, args=(gw.port, work), kwargs={"connections": 50, "duration": args.duration + 4, "cpus": plan.load})
         load.start()
         base = [spy, "record", "-p", str(gw.proc.pid), "-d", str(args.duration), "-r", "250", "--gil"]
         subprocess.run([*base, "-o", str(out / "profile.txt"), "-f", "raw"], check=True, capture_output=True)
         load.join()
     own, inclusive, total = top(out / "profile.txt", args.top)
-    print(f"{total} samples; {'cache hits' if args.hits else 'cache misses'}, c=50")
+    print(f"{total} samples; {'streamed ' if args.stream else ''}{'cache hits' if args.hits else 'cache misses'}, c=50")
     for title, rows in (("own time", own), ("including callees", inclusive)):
         print(f"\ntop by {title}")
         for frame, count in rows:

@@ -23,7 +23,7 @@ from app.api.errors import error_response, method_not_allowed
 from app.api.middleware import RequestIds, declared_too_large, too_large
 from app.api.disconnect import DisconnectWatcher
 from app.api.sse import SSEResponse
-from app.errors import BadRequestError, GatewayError
+from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
 from app.pipeline.answer import Answer
 from app.pipeline.base import ChatRequest, RequestContext
 from app.serving import CLIENT_CLOSED
@@ -194,8 +194,10 @@ class ModelLane:
 async def _first_of(answer: Answer, ctx: RequestContext, task: asyncio.Task[Any], include_usage: bool) -> SSEResponse:
     """The SSE response, once the stream's first chunk is there (an error before it is a plain error answer)."""
     try:
-        first = await anext(answer)
+        first = await answer.batch()
     except BaseException:
         await answer.aclose()
         raise
+    if not first:
+        raise UpstreamBadResponseError(f"{ctx.backend or 'the backend'} sent an empty stream")
     return SSEResponse(first, answer, include_usage, admiral_headers(ctx), task)

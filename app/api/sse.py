@@ -33,7 +33,7 @@ class SSEResponse(Response):
     A failure after the first chunk goes out as one error event, then ``[DONE]``.
     """
 
-    def __init__(self, first: ChatCompletionChunk, rest: Answer, include_usage: bool, headers: list[tuple[bytes, bytes]], task: asyncio.Task[Any]) -> None:
+    def __init__(self, first: list[ChatCompletionChunk], rest: Answer, include_usage: bool, headers: list[tuple[bytes, bytes]], task: asyncio.Task[Any]) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.raw_headers = [*(h for h in self.raw_headers if h[0] != b"content-length"), *_SSE_HEADERS, *headers]
         self._first = first
@@ -54,12 +54,12 @@ class SSEResponse(Response):
         watcher = DisconnectWatcher(receive, task)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            chunk: ChatCompletionChunk | None = self._first
-            while chunk is not None:
-                data = self._encode(chunk)
-                if data is not None:
+            chunks = self._first
+            while chunks:
+                data = b"".join([event for event in map(self._encode, chunks) if event is not None])
+                if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
-                chunk = await anext(self._rest, None)
+                chunks = await self._rest.batch()
             await send({"type": "http.response.body", "body": _DONE, "more_body": False})
         except GatewayError as exc:
             # the client already has a 200: the failure travels as one error event, then [DONE]

@@ -97,11 +97,30 @@ class Answer:
         except BaseException as exc:
             await self._end(exc)
             raise
+        self._seen(chunk)
+        return chunk
+
+    async def batch(self) -> list[ChatCompletionChunk]:
+        """The next chunk and every later one that is already there, without waiting; [] at the end.
+
+        A writer sends a batch in one piece: a burst from the provider then costs one write, not one per chunk.
+        """
+        chunk = await anext(self, None)
+        if chunk is None:
+            return []
+        chunks = [chunk]
+        ready = getattr(self._source, "ready", None)
+        if ready is not None:
+            for more in ready():
+                self._seen(more)
+                chunks.append(more)
+        return chunks
+
+    def _seen(self, chunk: ChatCompletionChunk) -> None:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for tap in self._taps:
             tap(chunk)
-        return chunk
 
     async def aclose(self) -> None:
         """Let go of the stream (ending it if still open) and run the end hooks."""

@@ -203,6 +203,12 @@ class SharedStream:
         self._next += 1
         return chunk
 
+    def ready(self) -> list[ChatCompletionChunk]:
+        """The chunks already there and not yet read (read now), without waiting."""
+        chunks = self._flight.chunks[self._next :]
+        self._next += len(chunks)
+        return chunks
+
     async def aclose(self) -> None:
         self._ticket.leave()
 

@@ -21,6 +21,8 @@ from app.errors import (
 from app.providers.base import UpstreamRequest
 
 _MAX_ERROR_BODY = 4096
+#: what ``_event`` returns for ``data: [DONE]``
+_DONE: dict[str, Any] = {}
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -108,6 +110,25 @@ class OpenAICompatibleProvider:
             return UpstreamTimeoutError(message, backend=self.name)
         return UpstreamError(message, backend=self.name)
 
+    def _event(self, line: bytes) -> dict[str, Any] | None:
+        """The chunk a ``data:`` line carries (``_DONE`` for the end marker), None for any other line."""
+        if not line.startswith(b"data:"):
+            return None
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return _DONE
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
+        if not isinstance(chunk, dict):
+            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
+        if "error" in chunk:
+            err = chunk["error"]
+            detail = str(err.get("message") or "") if isinstance(err, dict) else str(err)
+            raise UpstreamError(f"{self.name} failed mid-stream: {self._clean(detail)}", backend=self.name)
+        return chunk
+
     def _field(self, error: dict[str, Any], name: str) -> str | None:
         """One of the provider's error fields, as short clean text (a code may come as a number)."""
         value = error.get(name)
@@ -151,24 +172,22 @@ class OpenAICompatibleProvider:
             async with session.post(self._url, data=orjson.dumps(payload), timeout=self._stream_timeout) as resp:
                 if resp.status >= 400:
                     raise await self._error_for(resp)
-                async for line in resp.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        return
-                    try:
-                        chunk = orjson.loads(data)
-                    except orjson.JSONDecodeError as exc:
-                        raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
-                    if not isinstance(chunk, dict):
-                        raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
-                    if "error" in chunk:
-                        err = chunk["error"]
-                        detail = str(err.get("message") or "") if isinstance(err, dict) else str(err)
-                        raise UpstreamError(f"{self.name} failed mid-stream: {self._clean(detail)}", backend=self.name)
-                    if any(c.get("finish_reason") for c in chunk.get("choices") or () if isinstance(c, dict)):
-                        finished = True
+                # whatever arrived, split into lines here: a read per line costs the loop a wake-up each
+                rest = b""
+                async for data in resp.content.iter_any():
+                    *lines, rest = (rest + data if rest else data).split(b"\n")
+                    for line in lines:
+                        chunk = self._event(line)
+                        if chunk is _DONE:
+                            return
+                        if chunk is not None:
+                            finished = finished or _finishes(chunk)
+                            yield chunk
+                chunk = self._event(rest)
+                if chunk is _DONE:
+                    return
+                if chunk is not None:
+                    finished = finished or _finishes(chunk)
                     yield chunk
         except UpstreamError:
             raise
@@ -176,3 +195,7 @@ class OpenAICompatibleProvider:
             raise self._translate(exc) from exc
         if not finished:
             raise UpstreamError(f"{self.name} ended the stream before it finished", backend=self.name)
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    return any(c.get("finish_reason") for c in chunk.get("choices") or () if isinstance(c, dict))
