@@ -172,10 +172,7 @@ class OpenAICompatibleProvider:
             async with session.post(self._url, data=orjson.dumps(payload), timeout=self._stream_timeout) as resp:
                 if resp.status >= 400:
                     raise await self._error_for(resp)
-                # whatever arrived, split into lines here: a read per line costs the loop a wake-up each
-                rest = b""
-                async for data in resp.content.iter_any():
-                    *lines, rest = (rest + data if rest else data).split(b"\n")
+                async for lines in _lines(resp.content):
                     for line in lines:
                         chunk = self._event(line)
                         if chunk is _DONE:
@@ -183,12 +180,6 @@ class OpenAICompatibleProvider:
                         if chunk is not None:
                             finished = finished or _finishes(chunk)
                             yield chunk
-                chunk = self._event(rest)
-                if chunk is _DONE:
-                    return
-                if chunk is not None:
-                    finished = finished or _finishes(chunk)
-                    yield chunk
         except UpstreamError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -199,3 +190,12 @@ class OpenAICompatibleProvider:
 
 def _finishes(chunk: dict[str, Any]) -> bool:
     return any(c.get("finish_reason") for c in chunk.get("choices") or () if isinstance(c, dict))
+
+
+async def _lines(body: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The body's lines, a list for whatever each read brought (a read per line costs the loop a wake-up each)."""
+    rest = b""
+    async for data in body.iter_any():
+        *lines, rest = (rest + data if rest else data).split(b"\n")
+        yield lines
+    yield [rest]
