@@ -54,12 +54,11 @@ class RequestRecorder:
         m.overhead.observe(max(0.0, elapsed - ctx.upstream_seconds))
         reported = spent_tokens(True, usage)
         prompt_tokens, completion_tokens = (reported.prompt, reported.completion) if reported else (0, 0)
-        paid = spent_tokens(ctx.paid_upstream, usage)
-        if paid is not None:
-            if paid.prompt:
-                self._tokens(ctx.agent, backend, "prompt").inc(paid.prompt)
-            if paid.completion:
-                self._tokens(ctx.agent, backend, "completion").inc(paid.completion)
+        if ctx.paid_upstream:
+            if prompt_tokens:
+                self._tokens(ctx.agent, backend, "prompt").inc(prompt_tokens)
+            if completion_tokens:
+                self._tokens(ctx.agent, backend, "completion").inc(completion_tokens)
         if self.hit_rate_watch is not None:
             self.hit_rate_watch.observe(ctx.cache_status)
         if self.log_sink is None:

@@ -42,7 +42,9 @@ class Serving:
         request: ChatRequest | None = None
         try:
             request = await read()
-            answer = await as_asked(await self._pipeline(request, ctx), request.stream)
+            answer = await self._pipeline(request, ctx)
+            if answer.is_stream != request.stream:
+                answer = await as_asked(answer, request.stream)
         except GatewayError as exc:
             self._failed(request, ctx, exc)
             raise
@@ -58,6 +60,9 @@ class Serving:
             recorder.finish(request, ctx, 500)
             raise
         content = first_content(answer) if recorder.log_content else None
+        if not answer.is_stream:
+            recorder.finish(request, ctx, 200, content() if content else None, answer.usage)
+            return answer
         done = request
 
         async def record(outcome: BaseException | None) -> None:

@@ -35,8 +35,9 @@ class Answer:
         self._body = body
         self._encoded = encoded
         self._source = chunks
-        self._taps: list[ChunkTap] = []
-        self._ends: list[EndHook] = []
+        # most answers get no tap and no hook: the lists are made for the first one
+        self._taps: list[ChunkTap] | tuple[()] = ()
+        self._ends: list[EndHook] | tuple[()] = ()
         self._over = False
         #: the usage the answer reports (a stream's once its usage chunk has passed)
         self.usage: Usage | None = body.get("usage") if body is not None else None
@@ -72,17 +73,21 @@ class Answer:
 
     def on_chunk(self, tap: ChunkTap) -> None:
         """Call ``tap`` with each chunk as it is read (never for a complete answer)."""
-        self._taps.append(tap)
+        if self._taps:
+            self._taps.append(tap)  # type: ignore[union-attr]
+        else:
+            self._taps = [tap]
 
     async def when_done(self, hook: EndHook) -> None:
         """Run ``hook`` when the answer is over: now for a complete answer, at the stream's end otherwise."""
         if self._source is None:
             await hook(None)
-        elif self._over:
-            log.warning("an end hook came after its stream ended")
-            await hook(None)
+            return
+        assert not self._over, "an end hook must come before its stream ends"
+        if self._ends:
+            self._ends.append(hook)  # type: ignore[union-attr]
         else:
-            self._ends.append(hook)
+            self._ends = [hook]
 
     def __aiter__(self) -> Answer:
         return self
