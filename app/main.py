@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from app.api import admin, chat, health, metrics
-from app.api.lane import ModelLane
 from app.api.errors import install_error_handlers
+from app.api.lane import ModelLane
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestIds
 from app.clock import Clock
 from app.config import Settings, load_settings

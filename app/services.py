@@ -14,25 +14,24 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.metrics import mark_worker_dead
+from app.auth import Authenticator
 from app.clock import Clock
 from app.config import Settings
 from app.degraded import HitRateWatch
 from app.events import EventBus
 from app.metrics import Metrics
-from app.auth import Authenticator
 from app.pipeline.backpressure import BackpressureLayer
+from app.pipeline.base import Handler
 from app.pipeline.cache import CacheLayer
 from app.pipeline.circuit_breaker import CircuitBreakerLayer
 from app.pipeline.dedupe import DedupeLayer
 from app.pipeline.dispatch import Dispatcher
 from app.pipeline.failover import FailoverLayer
+from app.pipeline.inflight import InflightCoordinator, LocalInflight
 from app.pipeline.provider_budget import ProviderBudgetLayer
 from app.pipeline.rate_limit import AgentRateLimitLayer
-from app.pipeline.router import RouterLayer
-from app.pipeline.base import Handler
-from app.pipeline.inflight import InflightCoordinator, LocalInflight
 from app.pipeline.resilience import Resilience
-from app.pipeline.router import ModelRouter
+from app.pipeline.router import ModelRouter, RouterLayer
 from app.providers import Provider, build_providers
 from app.recorder import RequestRecorder
 from app.serving import Serving

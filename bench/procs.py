@@ -78,7 +78,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> Self:
-        out = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log, "wb") if self.log else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(self.cmd, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         finally:

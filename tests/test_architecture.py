@@ -17,8 +17,6 @@ from functools import cache
 from itertools import pairwise
 from pathlib import Path
 
-import pytest
-
 APP = Path(__file__).resolve().parent.parent / "app"
 
 #: the pipeline's vocabulary, which the HTTP layer may use; every other ``app.pipeline`` module is serving logic

@@ -185,10 +185,9 @@ async def ask_plain(case: Case, gw: GatewayServer) -> Answer:
 
 async def ask_stream(case: Case, gw: GatewayServer, include_usage: bool) -> Answer:
     options: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
-    async with case.client(gw) as client:
-        async with client.chat.completions.with_streaming_response.create(stream=True, **options, **case.args()) as resp:
-            lines = [line async for line in resp.iter_lines()]
-            headers = resp.headers
+    async with case.client(gw) as client, client.chat.completions.with_streaming_response.create(stream=True, **options, **case.args()) as resp:
+        lines = [line async for line in resp.iter_lines()]
+        headers = resp.headers
     data = [line[5:].strip() for line in lines if line.startswith("data:")]
     assert data and data[-1] == "[DONE]", f"the stream does not end with data: [DONE]: {data[-2:]}"
     assert "[DONE]" not in data[:-1], "data: [DONE] before the end"
@@ -387,11 +386,10 @@ def test_sdk_stream_helper_accumulates_a_replayed_answer(answer: ProviderAnswer,
     async def run() -> tuple[dict[str, Any], list[Any]]:
         stored = await ask(case, one_gateway, stream=stored_from == "stream")
         assert stored.headers["x-admiral-cache"] == "miss"
-        async with case.client(one_gateway) as client:
-            # tools go in the body as they are: the helper itself only takes strict function tools
-            async with client.chat.completions.stream(stream_options={"include_usage": True}, **case.args()) as stream:
-                events = [event async for event in stream]
-                return stream.current_completion_snapshot.to_dict(), events
+        # tools go in the body as they are: the helper itself only takes strict function tools
+        async with case.client(one_gateway) as client, client.chat.completions.stream(stream_options={"include_usage": True}, **case.args()) as stream:
+            events = [event async for event in stream]
+            return stream.current_completion_snapshot.to_dict(), events
 
     snapshot, events = asyncio.run(run())
     assert fake.calls == 1  # the second request was a hit

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.responses import json_response
-from app.errors import AuthenticationError, BadRequestError, PermissionDeniedError
 from app.auth import bearer_token
+from app.errors import AuthenticationError, BadRequestError, PermissionDeniedError
 from app.storage.stats import backend_recent, request_stats
 
 router = APIRouter(prefix="/admin")

@@ -19,9 +19,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.api.disconnect import DisconnectWatcher
 from app.api.errors import error_response, method_not_allowed
 from app.api.middleware import RequestIds, declared_too_large, too_large
-from app.api.disconnect import DisconnectWatcher
 from app.api.sse import SSEResponse
 from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
 from app.pipeline.answer import Answer

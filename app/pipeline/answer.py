@@ -28,7 +28,7 @@ ChunkTap = Callable[[ChatCompletionChunk], None]
 class Answer:
     """A complete answer (a dict or its encoded JSON, each made from the other when asked) or a stream."""
 
-    __slots__ = ("_body", "_encoded", "_source", "_taps", "_ends", "_over", "usage")
+    __slots__ = ("_body", "_encoded", "_ends", "_over", "_source", "_taps", "usage")
 
     def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | None = None) -> None:
         assert (chunks is None) != (body is None and encoded is None), "an answer is complete or a stream"
@@ -108,7 +108,7 @@ class Answer:
     async def batch(self) -> list[ChatCompletionChunk]:
         """The next chunk and every later one that is already there, without waiting; [] at the end.
 
-        A writer sends a batch in one piece: a burst from the provider then costs one write, not one per chunk.
+        A writer sends a batch as one ASGI message: a burst from the provider then costs one send, not one per chunk.
         """
         chunk = await anext(self, None)
         if chunk is None:

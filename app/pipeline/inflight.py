@@ -39,7 +39,7 @@ class Ticket(Protocol):
 
     @property
     def context(self) -> RequestContext:
-        """The context the shared call ran with: backend, deployment, usage."""
+        """The context the shared call ran with: backend, deployment, timings."""
         ...
 
     async def result(self) -> Answer:

@@ -33,8 +33,8 @@ import orjson
 from app.errors import GatewayError, UpstreamError
 from app.pipeline.answer import Answer
 from app.pipeline.base import Deployment, RequestContext
-from app.shapes import ChatCompletionChunk
 from app.pipeline.inflight import LocalInflight, SharedCall, Ticket
+from app.shapes import ChatCompletionChunk
 from app.state.redis_channels import ChannelError, ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels
 
 log = logging.getLogger("admiral.inflight")

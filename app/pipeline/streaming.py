@@ -65,7 +65,7 @@ def _copy(value: Any) -> Any:
 class ChunkAssembler:
     """Folds chunks into one ``chat.completion``; ``finished`` once every choice has a finish_reason."""
 
-    __slots__ = ("_head", "_choices", "usage")
+    __slots__ = ("_choices", "_head", "usage")
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}

