@@ -110,11 +110,6 @@ class ChunkAssembler:
     def finished(self) -> bool:
         return bool(self._choices) and all(c["finish_reason"] for c in self._choices.values())
 
-    def text(self) -> str | None:
-        """The first choice's content so far."""
-        state = self._choices.get(0)
-        return state["message"].get("content") if state else None
-
     def result(self) -> ChatCompletion:
         choices = []
         for index in sorted(self._choices):
@@ -129,14 +124,6 @@ class ChunkAssembler:
         if self.usage:
             body["usage"] = self.usage
         return body  # type: ignore[return-value]
-
-
-def fold(chunks: list[ChatCompletionChunk] | list[dict[str, Any]]) -> ChatCompletion:
-    """The ``chat.completion`` a list of chunks amounts to."""
-    assembler = ChunkAssembler()
-    for chunk in chunks:
-        assembler.add(chunk)
-    return assembler.result()
 
 
 def replay(body: ChatCompletion | dict[str, Any]) -> Iterator[ChatCompletionChunk]:
