@@ -171,19 +171,21 @@ class Case:
 
 
 @dataclass
-class Answer:
+class Received:
+    """What the client got: the headers, and the body or the stream's chunks."""
+
     headers: Any
     body: dict[str, Any] | None = None
     chunks: list[dict[str, Any]] | None = None
 
 
-async def ask_plain(case: Case, gw: GatewayServer) -> Answer:
+async def ask_plain(case: Case, gw: GatewayServer) -> Received:
     async with case.client(gw) as client:
         raw = await client.chat.completions.with_raw_response.create(**case.args())
-        return Answer(raw.headers, body=json.loads(raw.text))
+        return Received(raw.headers, body=json.loads(raw.text))
 
 
-async def ask_stream(case: Case, gw: GatewayServer, include_usage: bool) -> Answer:
+async def ask_stream(case: Case, gw: GatewayServer, include_usage: bool) -> Received:
     options: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
     async with case.client(gw) as client, client.chat.completions.with_streaming_response.create(stream=True, **options, **case.args()) as resp:
         lines = [line async for line in resp.iter_lines()]
@@ -194,10 +196,10 @@ async def ask_stream(case: Case, gw: GatewayServer, include_usage: bool) -> Answ
     chunks = [json.loads(d) for d in data[:-1]]
     errors = [c for c in chunks if "error" in c]
     assert not errors, f"the stream carried an error: {errors}"
-    return Answer(headers, chunks=chunks)
+    return Received(headers, chunks=chunks)
 
 
-async def ask(case: Case, gw: GatewayServer, stream: bool, include_usage: bool = True) -> Answer:
+async def ask(case: Case, gw: GatewayServer, stream: bool, include_usage: bool = True) -> Received:
     return await (ask_stream(case, gw, include_usage) if stream else ask_plain(case, gw))
 
 
@@ -205,12 +207,12 @@ def without_usage(completion: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in completion.items() if k != "usage"}
 
 
-def assert_is_c(got: Answer, answer: ProviderAnswer, include_usage: bool) -> None:
+def assert_is_c(got: Received, answer: ProviderAnswer, include_usage: bool) -> None:
     """The provider's own stream, chunk for chunk."""
     assert_same(got.chunks, client_chunks(answer, include_usage=include_usage), "the chunks (vs the provider's)")
 
 
-def assert_replay_is_p(got: Answer, answer: ProviderAnswer, include_usage: bool) -> None:
+def assert_replay_is_p(got: Received, answer: ProviderAnswer, include_usage: bool) -> None:
     """A stream made from P: valid, and both folds give P back."""
     assert got.chunks is not None
     problems = stream_problems(got.chunks, include_usage=include_usage, choices=len(answer.completion["choices"]))
@@ -220,7 +222,7 @@ def assert_replay_is_p(got: Answer, answer: ProviderAnswer, include_usage: bool)
     assert_same(sdk_view(sdk_fold(got.chunks)), sdk_view(completion), "the stream as the OpenAI SDK accumulates it (vs P)")
 
 
-def assert_folded_is_p(got: Answer, answer: ProviderAnswer) -> None:
+def assert_folded_is_p(got: Received, answer: ProviderAnswer) -> None:
     """A plain answer made from C: P."""
     assert got.body is not None
     assert_same(normalise(got.body), expected(answer), "the plain answer (vs P, normalised)")
