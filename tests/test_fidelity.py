@@ -92,13 +92,18 @@ def test_each_provider_stream_folds_to_its_completion(answer: ProviderAnswer) ->
         assert sdk_view(sdk_fold(chunks)) == sdk_view(completion)
 
 
+def _each_delta(chunks: list[dict[str, Any]], change: Callable[[dict[str, Any]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chunks with every choice's delta passed through ``change``."""
+    return [{**c, "choices": [{**ch, "delta": change(ch["delta"])} for ch in c["choices"]]} for c in chunks]
+
+
 def test_the_comparison_rules_can_fail() -> None:
     """The fold and the normalisation are not so lenient that a lost field goes unnoticed."""
     p = OPENAI_TOOLS.completion
     assert normalise({"a": None, "b": {"c": None}, "annotations": [], "d": []}) == {"b": {}, "d": []}
-    lost_type = [{**c, "choices": [{**ch, "delta": {**ch["delta"], "tool_calls": [{**t, "type": "function"} if t.get("type") else t for t in ch["delta"].get("tool_calls", [])]}} for ch in c["choices"]]} for c in OPENAI_TOOLS.chunks]
+    lost_type = _each_delta(OPENAI_TOOLS.chunks, lambda d: {**d, "tool_calls": [{**t, "type": "function"} if t.get("type") else t for t in d.get("tool_calls", [])]})
     assert normalise(fold(lost_type)) != normalise(p)
-    no_reasoning = [{**c, "choices": [{**ch, "delta": {k: v for k, v in ch["delta"].items() if k != "reasoning_content"}} for ch in c["choices"]]} for c in DEEPSEEK_REASONER.chunks]
+    no_reasoning = _each_delta(DEEPSEEK_REASONER.chunks, lambda d: {k: v for k, v in d.items() if k != "reasoning_content"})
     assert normalise(fold(no_reasoning)) != expected(DEEPSEEK_REASONER)
     assert sdk_view(sdk_fold(no_reasoning)) != sdk_view(DEEPSEEK_REASONER.completion)
     chunks = DEEPSEEK_REASONER.chunks
