@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from app.errors import UNAVAILABLE, GatewayError, UpstreamError, database_unavailable
 from app.pipeline.answer import Answer, first_content
 from app.pipeline.base import ChatRequest, Handler, RequestContext
-from app.pipeline.streaming import ChunkAssembler, replay
+from app.pipeline.streaming import replay
 from app.recorder import RequestRecorder
 from app.shapes import ChatCompletionChunk
 
@@ -92,13 +92,13 @@ async def as_asked(answer: Answer, stream: bool) -> Answer:
         return answer
     if stream:
         return Answer(chunks=_chunks(replay(answer.body)))
-    assembler = ChunkAssembler()
+    folded = answer.fold()
     try:
-        async for chunk in answer:
-            assembler.add(chunk)
+        async for _ in answer:
+            pass
     finally:
         await answer.aclose()
-    return Answer(body=assembler.result())
+    return Answer(body=folded.result())
 
 
 async def _chunks(chunks: Iterable[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from app.pipeline.streaming import ChunkAssembler
 from app.shapes import ChatCompletion, ChatCompletionChunk, Usage
 
 log = logging.getLogger("admiral.pipeline")
@@ -28,7 +29,7 @@ ChunkTap = Callable[[ChatCompletionChunk], None]
 class Answer:
     """A complete answer (a dict or its encoded JSON, each made from the other when asked) or a stream."""
 
-    __slots__ = ("_body", "_encoded", "_ends", "_over", "_source", "_taps", "usage")
+    __slots__ = ("_body", "_encoded", "_ends", "_fold", "_over", "_source", "_taps", "usage")
 
     def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | None = None) -> None:
         assert (chunks is None) != (body is None and encoded is None), "an answer is complete or a stream"
@@ -39,6 +40,7 @@ class Answer:
         self._taps: list[ChunkTap] | tuple[()] = ()
         self._ends: list[EndHook] | tuple[()] = ()
         self._over = False
+        self._fold: ChunkAssembler | None = None
         #: the usage the answer reports (a stream's once its usage chunk has passed)
         self.usage: Usage | None = body.get("usage") if body is not None else None
 
@@ -77,6 +79,15 @@ class Answer:
             self._taps.append(tap)  # type: ignore[union-attr]
         else:
             self._taps = [tap]
+
+    def fold(self) -> ChunkAssembler:
+        """The stream folded as it is read into the ``chat.completion`` it amounts to: one fold
+        per stream, however many want it (the cache stores it, a plain request is answered with it).
+        Ask before the stream is read: it sees the chunks read after."""
+        if self._fold is None:
+            self._fold = ChunkAssembler()
+            self.on_chunk(self._fold.add)
+        return self._fold
 
     async def when_done(self, hook: EndHook) -> None:
         """Run ``hook`` when the answer is over: now for a complete answer, at the stream's end otherwise."""

@@ -8,7 +8,6 @@ from app.metrics import Metrics
 from app.pipeline.answer import Answer
 from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
 from app.pipeline.cache_key import ensure_cache_key
-from app.pipeline.streaming import ChunkAssembler
 from app.storage.response_cache import CachedAnswer, ResponseCache
 
 
@@ -61,8 +60,7 @@ class CacheLayer:
                     answer.encoded = kept.payload
             return answer
         # stored only when the stream ran to its end with a finish_reason: never a cut or failed one
-        assembler = ChunkAssembler()
-        answer.on_chunk(assembler.add)
+        assembler = answer.fold()
 
         async def store(outcome: BaseException | None) -> None:
             if outcome is None and assembler.finished:
