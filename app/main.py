@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.api import admin, chat, health, metrics
 from app.api.errors import install_error_handlers
-from app.api.lane import ModelLane
+from app.api.lane import Dialect, ModelLane
 from app.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, RequestIds
 from app.clock import Clock
 from app.config import Settings, load_settings
@@ -95,7 +95,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> GatewayApp:
     app.include_router(admin.router)
     ids = RequestIds()
     max_body = settings.server.max_body_bytes
-    app.lanes = {chat.PATH: ModelLane(chat.PATH, chat.parse_request, lambda: app.state.services, ids, max_body)}
+    dialects = [Dialect(chat.PATH, chat.parse_request)]
+    app.lanes = {d.path: ModelLane(d, lambda: app.state.services, ids, max_body) for d in dialects}
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body)
     app.add_middleware(RequestIdMiddleware, ids=ids)
     return app

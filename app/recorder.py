@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from app.metrics import Children, Metrics
 from app.pipeline.answer import spent_tokens
-from app.pipeline.base import ChatRequest, RequestContext
+from app.pipeline.base import ModelRequest, RequestContext
 from app.shapes import Usage
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class RequestRecorder:
     def start(self) -> None:
         self._metrics.inflight.inc()
 
-    def finish(self, request: ChatRequest | None, ctx: RequestContext, status: int, content: str | None = None, usage: Usage | None = None) -> None:
+    def finish(self, request: ModelRequest | None, ctx: RequestContext, status: int, content: str | None = None, usage: Usage | None = None) -> None:
         """Count and log the request; ``usage`` is what its answer reported (tokens count only when paid upstream)."""
         m = self._metrics
         m.inflight.dec()
@@ -86,6 +86,8 @@ class RequestRecorder:
             "error_type": ctx.error_type,
             "prompt": None,
             "completion": None,
+            "endpoint": ctx.endpoint,
+            "trace_id": ctx.trace_id,
         }
         if self.log_content and request is not None:
             row["prompt"] = request.prompt_text()

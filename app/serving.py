@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from app.errors import UNAVAILABLE, GatewayError, UpstreamError, database_unavailable
 from app.pipeline.answer import Answer, first_content
-from app.pipeline.base import ChatRequest, Handler, RequestContext
+from app.pipeline.base import Handler, ModelRequest, RequestContext
 from app.pipeline.streaming import replay
 from app.recorder import RequestRecorder
 from app.shapes import ChatCompletionChunk
@@ -34,12 +34,12 @@ class Serving:
         self._pipeline = pipeline
         self._recorder = recorder
 
-    async def __call__(self, ctx: RequestContext, read: Callable[[], Awaitable[ChatRequest]]) -> Answer:
+    async def __call__(self, ctx: RequestContext, read: Callable[[], Awaitable[ModelRequest]]) -> Answer:
         """The answer to the request ``read`` returns; raises a :class:`GatewayError` to answer
         with, or the client's going away. A streamed answer is recorded when the stream is over."""
         recorder = self._recorder
         recorder.start()
-        request: ChatRequest | None = None
+        request: ModelRequest | None = None
         try:
             request = await read()
             answer = await self._pipeline(request, ctx)
@@ -78,7 +78,7 @@ class Serving:
         await answer.when_done(record)
         return answer
 
-    def _failed(self, request: ChatRequest | None, ctx: RequestContext, exc: GatewayError) -> None:
+    def _failed(self, request: ModelRequest | None, ctx: RequestContext, exc: GatewayError) -> None:
         ctx.error_type = exc.error_type
         if isinstance(exc, UpstreamError) or exc.status >= 500:
             log.warning("request %s answered %d: %s", ctx.request_id, exc.status, exc.message)

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.metrics import Metrics
-from app.pipeline.base import ChatRequest, ChatResult, RequestContext
+from app.pipeline.base import ChatResult, ModelRequest, RequestContext
 from app.pipeline.cache import CacheLayer
 from app.storage.cache_tiers import SqlCacheTier
 from app.storage.db import create_engine
@@ -166,12 +166,12 @@ async def in_layer(url: str, calls: int) -> bool:
         for label, messages in (("short prompt", SHORT), ("20-message conversation", LONG)):
             answer = completion(messages)
 
-            async def upstream(request: ChatRequest, ctx: RequestContext, answer: dict[str, Any] = answer) -> ChatResult:
+            async def upstream(request: ModelRequest, ctx: RequestContext, answer: dict[str, Any] = answer) -> ChatResult:
                 ctx.backend = "bench"
                 return ChatResult(body=answer)
 
             layer = CacheLayer(upstream, cache, Metrics())
-            request = ChatRequest({"model": "bench", "messages": messages, "temperature": 0})
+            request = ModelRequest({"model": "bench", "messages": messages, "temperature": 0})
 
             def context() -> RequestContext:
                 return RequestContext(request_id="bench", route="bench")

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from sqlalchemy import func, select
 
-from app.pipeline.base import ChatRequest, RequestContext
+from app.pipeline.base import ModelRequest, RequestContext
 from app.pipeline.cache_key import compute_cache_key
 from app.storage.cache_tiers import CacheWrite, SqlCacheTier
 from app.storage.db import create_engine
@@ -221,7 +221,7 @@ def test_disabled_cache_bypasses(upstream: FakeUpstream) -> None:
 
 
 def key_of(body: dict[str, Any], route: str = "fast", namespace: str = "default") -> str:
-    return compute_cache_key(ChatRequest(body), RequestContext(request_id="r", route=route, cache_namespace=namespace))
+    return compute_cache_key(ModelRequest(body), RequestContext(request_id="r", route=route, cache_namespace=namespace))
 
 
 def test_key_is_canonical() -> None:

@@ -20,7 +20,7 @@ from app.errors import (
 from app.events import EventBus
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Deployment, RequestContext
+from app.pipeline.base import Deployment, ModelRequest, RequestContext
 from app.pipeline.circuit_breaker import BreakerPolicy, CircuitBreaker
 from app.pipeline.failover import FailoverLayer, RetryPolicy, exhausted
 from app.pipeline.latency import LatencyTracker
@@ -106,7 +106,7 @@ class Scripted:
         self.clock, self.failures, self.takes_s = clock, failures, takes_s
         self.calls: list[Deployment] = []
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         assert ctx.deployment is not None
         self.calls.append(ctx.deployment)
         self.clock.advance(self.takes_s)
@@ -128,7 +128,7 @@ async def test_a_passed_deadline_stops_with_504() -> None:
     clock = ManualClock()
     handler = Scripted(clock, {A: UpstreamError("a answered 500"), B: UpstreamError("b answered 500")}, takes_s=70)
     with pytest.raises(UpstreamTimeoutError, match="deadline of 120 s"):
-        await failover(handler, clock, deadline_s=120)(ChatRequest({}), context(A, B, C))
+        await failover(handler, clock, deadline_s=120)(ModelRequest({}), context(A, B, C))
     assert handler.calls == [A, B]
 
 
@@ -137,7 +137,7 @@ async def test_a_rejected_key_is_not_retried_in_later_rounds() -> None:
     clock = ManualClock()
     handler = Scripted(clock, {A: UpstreamAuthError("a rejected the gateway's provider key (401)"), B: UpstreamError("b answered 500")})
     with pytest.raises(UpstreamError):
-        await failover(handler, clock, attempts=3)(ChatRequest({}), context(A, B))
+        await failover(handler, clock, attempts=3)(ModelRequest({}), context(A, B))
     assert handler.calls == [A, B, B, B]
 
 

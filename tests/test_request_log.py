@@ -51,6 +51,8 @@ def row(**overrides: Any) -> dict[str, Any]:
         "error_type": None,
         "prompt": None,
         "completion": None,
+        "endpoint": "chat",
+        "trace_id": None,
     }
     return base | overrides
 

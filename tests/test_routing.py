@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.errors import NotFoundError
-from app.pipeline.base import ChatRequest, Deployment
+from app.pipeline.base import Deployment, ModelRequest
 from app.pipeline.router import ModelRouter
 from tests.resilience_support import AGENT_KEY, OTHER_KEY, post
 from tests.support import gateway, make_settings
@@ -46,7 +46,7 @@ def router() -> ModelRouter:
 
 
 def ask(router: ModelRouter, content: Any, agent: str = "tester", **body: Any) -> str:
-    request = ChatRequest({"model": "auto", "messages": [{"role": "user", "content": content}], **body})
+    request = ModelRequest({"model": "auto", "messages": [{"role": "user", "content": content}], **body})
     return router.resolve(request, agent)[0]
 
 
@@ -62,7 +62,7 @@ def test_contains_any_is_case_insensitive(router: ModelRouter) -> None:
 
 
 def test_contains_any_reads_user_messages_only(router: ModelRouter) -> None:
-    request = ChatRequest({"model": "auto", "messages": [{"role": "system", "content": "you write code"}, {"role": "user", "content": "hello there"}]})
+    request = ModelRequest({"model": "auto", "messages": [{"role": "system", "content": "you write code"}, {"role": "user", "content": "hello there"}]})
     assert router.resolve(request, "tester")[0] == "fast"
 
 
@@ -121,12 +121,12 @@ def test_auto_without_default_or_match_is_404() -> None:
 
 
 def test_names_and_deployments_resolve(router: ModelRouter) -> None:
-    route, deployments, strategy = router.resolve(ChatRequest({"model": "code", "messages": []}), "tester")
+    route, deployments, strategy = router.resolve(ModelRequest({"model": "code", "messages": []}), "tester")
     assert (route, deployments, strategy) == ("code", [Deployment("demo", "coder")], "ordered")
-    route, deployments, _ = router.resolve(ChatRequest({"model": "demo/org/some-model", "messages": []}), "tester")
+    route, deployments, _ = router.resolve(ModelRequest({"model": "demo/org/some-model", "messages": []}), "tester")
     assert deployments == [Deployment("demo", "org/some-model")]
     with pytest.raises(NotFoundError):
-        router.resolve(ChatRequest({"model": "nowhere/model", "messages": []}), "tester")
+        router.resolve(ModelRequest({"model": "nowhere/model", "messages": []}), "tester")
 
 
 def test_the_route_header_names_the_chosen_model(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from app.api.errors import validation_error
 from app.api.schemas import ChatCompletionRequest, request_body_schema
 from app.errors import BadRequestError
 from app.memo import BODY_MAX_BYTES, Recent
-from app.pipeline.base import ChatRequest
+from app.pipeline.base import ModelRequest
 
 #: nesting orjson can write back (it reads deeper)
 _MAX_DEPTH = 254
@@ -57,8 +57,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 PATH = "/v1/chat/completions"
 
 
-def parse_request(raw: bytes) -> ChatRequest:
-    return ChatRequest(parse_body(raw), raw)
+def parse_request(raw: bytes) -> ModelRequest:
+    return ModelRequest(parse_body(raw), raw)
 
 
 def document(app: FastAPI) -> None:

@@ -22,10 +22,10 @@ from starlette.types import Receive, Scope, Send
 from app.api.disconnect import DisconnectWatcher
 from app.api.errors import error_response, method_not_allowed
 from app.api.middleware import RequestIds, declared_too_large, too_large
-from app.api.sse import SSEResponse
+from app.api.sse import OpenAIEvents, SSEResponse, StreamWriter
 from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, RequestContext
+from app.pipeline.base import CHAT, ModelRequest, RequestContext
 from app.serving import CLIENT_CLOSED
 
 if TYPE_CHECKING:
@@ -36,7 +36,34 @@ log = logging.getLogger("admiral.api")
 #: what clients send JSON as: curl -d says form-urlencoded, some SDKs say text/plain
 _JSON_MEDIA_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded", "text/plain"})
 #: turns a request's body into the protocol-neutral request the serving step takes
-Parse = Callable[[bytes], ChatRequest]
+Parse = Callable[[bytes], ModelRequest]
+
+
+class Dialect:
+    """One client protocol on one path: how its requests are read and its answers and errors
+    written. This one speaks OpenAI's model endpoints; another protocol (Responses, Anthropic
+    Messages) overrides what differs and translates to and from the chat request it serves."""
+
+    def __init__(self, path: str, parse: Parse, name: str = CHAT) -> None:
+        self.path = path
+        self._parse = parse
+        #: the endpoint as the request log and metrics name it
+        self.name = name
+
+    async def read(self, raw: bytes, ctx: RequestContext) -> ModelRequest:
+        """The request the pipeline serves, from the body (the caller is known by now)."""
+        return self._parse(raw)
+
+    def body(self, answer: Answer, request: ModelRequest, ctx: RequestContext) -> bytes:
+        """A complete answer's response body."""
+        return answer.encoded
+
+    def writer(self, request: ModelRequest, ctx: RequestContext) -> StreamWriter:
+        """What writes a streamed answer's events."""
+        return OpenAIEvents(request.include_usage)
+
+    def error(self, exc: GatewayError) -> Response:
+        return error_response(exc)
 
 
 def check_content_type(value: str | None) -> None:
@@ -72,7 +99,7 @@ def admiral_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
 class _Head:
     """The request headers a lane reads, found in one pass (the first of each counts)."""
 
-    __slots__ = ("authorization", "cache_control", "content_length", "content_type", "request_id")
+    __slots__ = ("api_key", "authorization", "cache_control", "content_length", "content_type", "request_id")
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.request_id: bytes | None = None
@@ -80,6 +107,7 @@ class _Head:
         self.authorization: str | None = None
         self.content_type: str | None = None
         self.cache_control: str | None = None
+        self.api_key: str | None = None
         for name, value in reversed(headers):
             if name == b"authorization":
                 self.authorization = value.decode("latin-1")
@@ -91,6 +119,15 @@ class _Head:
                 self.cache_control = value.decode("latin-1")
             elif name == b"x-request-id":
                 self.request_id = value
+            elif name == b"x-api-key":
+                self.api_key = value.decode("latin-1")
+
+    @property
+    def credentials(self) -> str | None:
+        """The gateway key as an ``Authorization`` value: that header, else ``x-api-key`` (Anthropic's SDK sends it)."""
+        if self.authorization is None and self.api_key is not None:
+            return "Bearer " + self.api_key
+        return self.authorization
 
 
 async def read_body(receive: Receive, max_bytes: int) -> bytes:
@@ -126,11 +163,12 @@ class JSONBytes:
 
 
 class ModelLane:
-    """``POST`` on one model endpoint as plain ASGI: HTTP in, the serving step, HTTP out."""
+    """``POST`` on one model endpoint as plain ASGI: HTTP in, the serving step, HTTP out, in the
+    words of the endpoint's client protocol (its :class:`Dialect`)."""
 
-    def __init__(self, path: str, parse: Parse, services: Callable[[], Services], ids: RequestIds, max_body_bytes: int) -> None:
-        self.path = path
-        self._parse = parse
+    def __init__(self, dialect: Dialect, services: Callable[[], Services], ids: RequestIds, max_body_bytes: int) -> None:
+        self.path = dialect.path
+        self._dialect = dialect
         self._services = services
         self._ids = ids
         self._max_body_bytes = max_body_bytes
@@ -139,45 +177,47 @@ class ModelLane:
         head = _Head(scope["headers"])
         request_id = self._ids.of(head.request_id)
         answer: Response | JSONBytes
+        dialect = self._dialect
         if scope["method"] != "POST":
-            answer = error_response(method_not_allowed(scope["method"], self.path, "POST"))
+            answer = dialect.error(method_not_allowed(scope["method"], self.path, "POST"))
         elif declared_too_large(head.content_length, self._max_body_bytes):
-            answer = error_response(too_large(self._max_body_bytes))
+            answer = dialect.error(too_large(self._max_body_bytes))
         else:
             try:
                 answer = await self._answer(request_id, head, receive)
             except Exception:
                 log.exception("unhandled error on POST %s", self.path)
-                answer = error_response(GatewayError("The gateway hit an internal error."))
+                answer = dialect.error(GatewayError("The gateway hit an internal error."))
         answer.raw_headers.append((b"x-request-id", request_id.encode()))
         await answer(scope, receive, send)
 
     async def _answer(self, request_id: str, head: _Head, receive: Receive) -> Response | JSONBytes:
         services = self._services()
-        ctx = RequestContext(request_id=request_id)
+        dialect = self._dialect
+        ctx = RequestContext(request_id=request_id, endpoint=dialect.name)
         task = asyncio.current_task(services.loop)
         assert task is not None
         watcher: DisconnectWatcher | None = None
-        asked_usage = False
+        request: ModelRequest | None = None
 
-        async def read() -> ChatRequest:
-            nonlocal watcher, asked_usage
+        async def read() -> ModelRequest:
+            nonlocal watcher, request
             # the key first: a caller without one learns nothing about the body
-            ctx.identify(services.authenticator.identify(head.authorization))
+            ctx.identify(services.authenticator.identify(head.credentials))
             check_content_type(head.content_type)
-            request = self._parse(await read_body(receive, self._max_body_bytes))
-            asked_usage = request.include_usage
+            request = await dialect.read(await read_body(receive, self._max_body_bytes), ctx)
             ctx.cache_read, ctx.cache_write = cache_directives(head.cache_control)
             watcher = DisconnectWatcher(receive, task)
             return request
 
         try:
             answer = await services.serving(ctx, read)
+            assert request is not None
             if not answer.is_stream:
-                return JSONBytes(answer.encoded, admiral_headers(ctx))
-            return await _first_of(answer, ctx, task, asked_usage)
+                return JSONBytes(dialect.body(answer, request, ctx), admiral_headers(ctx))
+            return await _first_of(answer, ctx, task, dialect.writer(request, ctx))
         except GatewayError as exc:
-            return error_response(exc)
+            return dialect.error(exc)
         except asyncio.CancelledError:
             if watcher is None or not watcher.fired:
                 raise
@@ -191,7 +231,7 @@ class ModelLane:
                 watcher.stop()
 
 
-async def _first_of(answer: Answer, ctx: RequestContext, task: asyncio.Task[Any], include_usage: bool) -> SSEResponse:
+async def _first_of(answer: Answer, ctx: RequestContext, task: asyncio.Task[Any], writer: StreamWriter) -> SSEResponse:
     """The SSE response, once the stream's first chunk is there (an error before it is a plain error answer)."""
     try:
         first = await answer.batch()
@@ -200,4 +240,4 @@ async def _first_of(answer: Answer, ctx: RequestContext, task: asyncio.Task[Any]
         raise
     if not first:
         raise UpstreamBadResponseError(f"{ctx.backend or 'the backend'} sent an empty stream")
-    return SSEResponse(first, answer, include_usage, admiral_headers(ctx), task)
+    return SSEResponse(first, answer, writer, admiral_headers(ctx), task)

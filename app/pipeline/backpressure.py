@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from app.config import Settings
 from app.errors import BackendUnavailableError
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Handler, RequestContext
+from app.pipeline.base import Handler, ModelRequest, RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ class BackpressureLayer:
         self._next = next_handler
         self._slots = slots
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         assert ctx.deployment is not None
         provider = ctx.deployment.provider
         slots = self._slots

@@ -26,16 +26,45 @@ class Deployment:
         return f"{self.provider}/{self.model}"
 
 
-@dataclass(slots=True)
-class ChatRequest:
-    """A validated chat completion request; ``body`` is the OpenAI JSON as the client sent it.
+#: the OpenAI operations a request can be (``ModelRequest.endpoint``)
+CHAT = "chat"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
 
+
+def _text_of(value: Any) -> list[str]:
+    """The strings in a prompt or an embedding input: a string, a list of strings (token arrays have none)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def _tokens_in(value: Any) -> int:
+    """About how many tokens a prompt or an embedding input holds (~4 characters a token; token arrays counted)."""
+    if isinstance(value, str):
+        return len(value) // 4 + 1
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(_tokens_in(v) for v in value)
+    return 1
+
+
+@dataclass(slots=True)
+class ModelRequest:
+    """A validated request to one of the OpenAI model endpoints; ``body`` is the OpenAI JSON of
+    that endpoint (``endpoint``: chat, completions or embeddings) as the gateway will send it.
+
+    Requests in other protocols (Responses, Anthropic Messages) arrive here translated to chat.
     ``raw`` is the body's bytes as they came (empty when the request was built otherwise): equal
     bytes mean an equal body, so work that depends only on the body can be remembered by them.
     """
 
     body: dict[str, Any]
     raw: bytes = b""
+    endpoint: str = CHAT
 
     @property
     def model(self) -> str:
@@ -51,7 +80,11 @@ class ChatRequest:
         return bool(self.stream and isinstance(opts, dict) and opts.get("include_usage"))
 
     def prompt_text(self) -> str:
-        """The text of the user messages, for routing rules and token estimates."""
+        """The text the caller wrote (user messages, the prompt, the inputs), for routing rules and the log."""
+        if self.endpoint == COMPLETIONS:
+            return "\n".join(_text_of(self.body.get("prompt")))
+        if self.endpoint == EMBEDDINGS:
+            return "\n".join(_text_of(self.body.get("input")))
         parts: list[str] = []
         for msg in self.body["messages"]:
             if msg.get("role") != "user":
@@ -65,9 +98,15 @@ class ChatRequest:
 
     def estimated_tokens(self) -> int:
         """Prompt size (~4 characters a token) plus the most the answer may take."""
-        chars = sum(len(str(m.get("content") or "")) for m in self.body["messages"])
-        limit = self.body.get("max_completion_tokens") or self.body.get("max_tokens") or 256
-        return chars // 4 + 1 + int(limit) * int(self.body.get("n") or 1)
+        if self.endpoint == EMBEDDINGS:
+            return _tokens_in(self.body.get("input"))
+        if self.endpoint == COMPLETIONS:
+            prompt = _tokens_in(self.body.get("prompt"))
+            limit = self.body.get("max_tokens") or 16
+        else:
+            prompt = sum(len(str(m.get("content") or "")) for m in self.body["messages"]) // 4 + 1
+            limit = self.body.get("max_completion_tokens") or self.body.get("max_tokens") or 256
+        return prompt + int(limit) * int(self.body.get("n") or 1)
 
 
 @dataclass(slots=True)
@@ -76,6 +115,10 @@ class RequestContext:
 
     request_id: str
     started: float = field(default_factory=time.perf_counter)
+    #: the operation the client asked for, in its protocol's words (chat, completions, embeddings, responses, messages)
+    endpoint: str = CHAT
+    #: the W3C trace id of the request's server span, when tracing is on
+    trace_id: str | None = None
     agent: str = "anonymous"
     key: KeyConfig | None = None
     cache_namespace: str = "default"
@@ -112,4 +155,4 @@ class RequestContext:
 class Handler(Protocol):
     """A pipeline stage: takes the request and its context, returns the result or raises."""
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer: ...
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer: ...

@@ -6,7 +6,7 @@ from typing import Any
 
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
+from app.pipeline.base import Deployment, Handler, ModelRequest, RequestContext
 from app.pipeline.cache_key import ensure_cache_key
 from app.storage.response_cache import CachedAnswer, ResponseCache
 
@@ -34,7 +34,7 @@ class CacheLayer:
         self._hits = metrics.cache_hits
         self._misses = metrics.cache_misses
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         key = ensure_cache_key(request, ctx)
         if ctx.cache_read:
             stored = await self._cache.get(key)

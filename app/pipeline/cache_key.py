@@ -8,14 +8,14 @@ from typing import Any
 import orjson
 
 from app.memo import BODY_MAX_BYTES, Recent
-from app.pipeline.base import ChatRequest, RequestContext
+from app.pipeline.base import CHAT, ModelRequest, RequestContext
 
 #: fields that never change the answer; every other field of the body is part of the key
 NEUTRAL_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metadata", "store", "request_id"})
 #: bump when the key's encoding changes, so old entries stop matching instead of answering wrongly
 KEY_VERSION = 1
 #: keys by (raw body, route, namespace): a repeated request costs a dict lookup
-_recent: Recent[tuple[bytes, str, str], str] = Recent()
+_recent: Recent[tuple[bytes, str, str, str], str] = Recent()
 
 
 def _normal(value: Any) -> Any:
@@ -30,7 +30,7 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def compute_cache_key(request: ChatRequest, ctx: RequestContext) -> str:
+def compute_cache_key(request: ModelRequest, ctx: RequestContext) -> str:
     """SHA-256 over the route, the namespace and every answer-deciding field, in canonical JSON.
 
     The route is the public model name the router resolved (for ``auto``, the model it chose), so
@@ -38,18 +38,21 @@ def compute_cache_key(request: ChatRequest, ctx: RequestContext) -> str:
     """
     remember = 0 < len(request.raw) <= BODY_MAX_BYTES
     if remember:
-        known = _recent.get((request.raw, ctx.route, ctx.cache_namespace))
+        known = _recent.get((request.raw, request.endpoint, ctx.route, ctx.cache_namespace))
         if known is not None:
             return known
     fields = {k: v for k, v in request.body.items() if v is not None and k not in NEUTRAL_FIELDS}
     material = {"v": KEY_VERSION, "route": ctx.route, "namespace": ctx.cache_namespace, "request": _normal(fields)}
+    if request.endpoint != CHAT:
+        # the same fields can mean another operation (a completions prompt is no chat)
+        material["endpoint"] = request.endpoint
     key = hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
     if remember:
-        _recent.put((request.raw, ctx.route, ctx.cache_namespace), key)
+        _recent.put((request.raw, request.endpoint, ctx.route, ctx.cache_namespace), key)
     return key
 
 
-def ensure_cache_key(request: ChatRequest, ctx: RequestContext) -> str:
+def ensure_cache_key(request: ModelRequest, ctx: RequestContext) -> str:
     """The request's key, computed on first use and kept on the context."""
     if ctx.cache_key is None:
         ctx.cache_key = compute_cache_key(request, ctx)

@@ -21,7 +21,7 @@ from app.errors import (
 from app.events import EventBus
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
+from app.pipeline.base import Deployment, Handler, ModelRequest, RequestContext
 from app.pipeline.policy import from_section
 from app.state import StateStore
 
@@ -230,7 +230,7 @@ class CircuitBreakerLayer:
         self._next = next_handler
         self._breaker = breaker
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         deployment = ctx.deployment
         assert deployment is not None
         breaker = self._breaker

@@ -6,7 +6,7 @@ import time
 
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Handler, RequestContext
+from app.pipeline.base import Handler, ModelRequest, RequestContext
 from app.pipeline.cache_key import ensure_cache_key
 from app.pipeline.inflight import InflightCoordinator, Ticket
 
@@ -26,7 +26,7 @@ class DedupeLayer:
         self._coordinator = coordinator
         self._coalesced = metrics.dedupe_coalesced
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         key = ensure_cache_key(request, ctx)
         ticket = await self._coordinator.join(key, ctx, lambda shared: self._next(request, shared))
         joined = time.perf_counter()

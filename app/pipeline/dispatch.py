@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from app.errors import UpstreamBadResponseError
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, RequestContext
+from app.pipeline.base import ModelRequest, RequestContext
 from app.providers.base import Provider, UpstreamRequest
 from app.shapes import ChatCompletionChunk
 
@@ -18,11 +18,11 @@ class Dispatcher:
     def __init__(self, providers: dict[str, Provider]) -> None:
         self._providers = providers
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         deployment = ctx.deployment
         assert deployment is not None, "failover sets ctx.deployment before dispatch"
         provider = self._providers[deployment.provider]
-        call = UpstreamRequest(model=deployment.model, payload=request.body, request_id=ctx.request_id)
+        call = UpstreamRequest(model=deployment.model, payload=request.body, request_id=ctx.request_id, endpoint=request.endpoint)
         ctx.attempts += 1
         started = time.perf_counter()
         if not request.stream:

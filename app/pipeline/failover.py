@@ -30,7 +30,7 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
+from app.pipeline.base import Deployment, Handler, ModelRequest, RequestContext
 from app.pipeline.latency import LatencyTracker
 from app.pipeline.policy import from_section
 
@@ -69,7 +69,7 @@ class FailoverLayer:
     def _order(self, ctx: RequestContext) -> list[Deployment]:
         return self._latency.order(ctx.deployments) if ctx.strategy == "latency" else list(ctx.deployments)
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         policy = self._policy
         deadline = self._clock.now() + policy.deadline_s
         last: dict[Deployment, UpstreamError] = {}

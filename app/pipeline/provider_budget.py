@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from app.errors import BackendRateLimitedError, BackendUnavailableError
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Handler, RequestContext
+from app.pipeline.base import Handler, ModelRequest, RequestContext
 from app.pipeline.rate_limit import RateLimiter, settle_when_done
 
 
@@ -15,7 +15,7 @@ class ProviderBudgetLayer:
         self._next = next_handler
         self._limiter = limiter
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         assert ctx.deployment is not None
         provider = ctx.deployment.provider
         if provider not in self._limiter.limits:

@@ -17,7 +17,7 @@ from app.errors import RateLimitError
 from app.events import EventBus
 from app.metrics import Metrics
 from app.pipeline.answer import Answer, spent_tokens
-from app.pipeline.base import ChatRequest, Handler, RequestContext
+from app.pipeline.base import Handler, ModelRequest, RequestContext
 from app.state import StateStore
 
 PERIOD_S = 60.0
@@ -182,7 +182,7 @@ class AgentRateLimitLayer:
         self._next = next_handler
         self._limiter = limiter
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         if ctx.key is None or ctx.agent not in self._limiter.limits:
             return await self._next(request, ctx)
         reservation = await self._limiter.reserve(ctx.agent, request.estimated_tokens())

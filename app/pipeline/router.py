@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from app.config import RoutingRule, Settings
 from app.errors import NotFoundError
 from app.pipeline.answer import Answer
-from app.pipeline.base import ChatRequest, Deployment, Handler, RequestContext
+from app.pipeline.base import Deployment, Handler, ModelRequest, RequestContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class ModelRouter:
     def public_models(self) -> list[str]:
         return list(self._models)
 
-    def choose_auto(self, request: ChatRequest, agent: str) -> str | None:
+    def choose_auto(self, request: ModelRequest, agent: str) -> str | None:
         if self._rules:
             text = request.prompt_text()
             has_tools = bool(request.body.get("tools") or request.body.get("functions"))
@@ -73,7 +73,7 @@ class ModelRouter:
                     return rule.model
         return self._default
 
-    def resolve(self, request: ChatRequest, agent: str) -> tuple[str, list[Deployment], str]:
+    def resolve(self, request: ModelRequest, agent: str) -> tuple[str, list[Deployment], str]:
         name = request.model
         if name == "auto":
             chosen = self.choose_auto(request, agent)
@@ -97,6 +97,6 @@ class RouterLayer:
         self._next = next_handler
         self._router = router
 
-    async def __call__(self, request: ChatRequest, ctx: RequestContext) -> Answer:
+    async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         ctx.route, ctx.deployments, ctx.strategy = self._router.resolve(request, ctx.agent)
         return await self._next(request, ctx)

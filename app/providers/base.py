@@ -9,18 +9,21 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
-    """One call to one deployment: the OpenAI body with ``model`` set to the provider's id."""
+    """One call to one deployment: the OpenAI body of ``endpoint`` (chat, completions, embeddings)
+    with ``model`` set to the provider's id."""
 
     model: str
     payload: dict[str, Any]
     request_id: str
+    endpoint: str = "chat"
 
 
 class Provider(Protocol):
     """A backend: OpenAI-compatible HTTP API, in-process engine or the demo responder.
 
-    ``complete`` returns an OpenAI ``chat.completion`` dict. ``stream`` yields
-    ``chat.completion.chunk`` dicts (never the ``[DONE]`` marker); when the payload asks for
+    ``complete`` returns the endpoint's OpenAI answer (a ``chat.completion``, a
+    ``text_completion``, an embeddings ``list``). ``stream`` yields its chunks
+    (``chat.completion.chunk`` or ``text_completion`` dicts, never the ``[DONE]`` marker); when the payload asks for
     ``stream_options.include_usage`` the last chunk carries ``usage`` and empty ``choices``.
     Failures are raised as :mod:`app.errors` types (``UpstreamError`` and subclasses).
     Cancelling the awaiting task must abort the backend's work.

@@ -21,6 +21,10 @@ from app.errors import (
 from app.providers.base import UpstreamRequest
 
 _MAX_ERROR_BODY = 4096
+#: each endpoint's path under the provider's base URL, and the list its answer must hold
+_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+_ANSWER_LIST = {"chat": "choices", "completions": "choices", "embeddings": "data"}
+_ANSWER_NAME = {"chat": "a chat completion", "completions": "a text completion", "embeddings": "an embeddings list"}
 #: what ``_event`` returns for ``data: [DONE]``
 _DONE: dict[str, Any] = {}
 
@@ -40,7 +44,8 @@ class OpenAICompatibleProvider:
     def __init__(self, name: str, config: ProviderConfig) -> None:
         self.name = name
         self._config = config
-        self._url = (config.base_url or "").rstrip("/") + "/chat/completions"
+        base = (config.base_url or "").rstrip("/")
+        self._urls = {endpoint: base + path for endpoint, path in _PATHS.items()}
         self._secret = config.api_key.get_secret_value() if config.api_key else ""
         # a provider may take its key in a header of its own (x-api-key): a provider that echoes
         # credentials back in an error must not get them into our errors and logs
@@ -145,10 +150,13 @@ class OpenAICompatibleProvider:
 
     async def complete(self, request: UpstreamRequest) -> dict[str, Any]:
         session = self._session_or_fail()
-        payload = {**request.payload, "model": request.model, "stream": False}
-        payload.pop("stream_options", None)
+        endpoint = request.endpoint
+        payload = {**request.payload, "model": request.model}
+        if endpoint != "embeddings":
+            payload["stream"] = False
+            payload.pop("stream_options", None)
         try:
-            async with session.post(self._url, data=orjson.dumps(payload), timeout=self._timeout) as resp:
+            async with session.post(self._urls[endpoint], data=orjson.dumps(payload), timeout=self._timeout) as resp:
                 if resp.status >= 400:
                     raise await self._error_for(resp)
                 raw = await resp.read()
@@ -160,16 +168,17 @@ class OpenAICompatibleProvider:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise UpstreamBadResponseError(f"{self.name} answered a body that is not JSON", backend=self.name) from exc
-        if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
-            raise UpstreamBadResponseError(f"{self.name} answered JSON that is not a chat completion", backend=self.name)
-        return body
+        items = body.get(_ANSWER_LIST[endpoint]) if isinstance(body, dict) else None
+        if not isinstance(items, list) or not items:
+            raise UpstreamBadResponseError(f"{self.name} answered JSON that is not {_ANSWER_NAME[endpoint]}", backend=self.name)
+        return body  # type: ignore[no-any-return]
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
         session = self._session_or_fail()
         payload = {**request.payload, "model": request.model, "stream": True, "stream_options": {"include_usage": True}}
         finished = False
         try:
-            async with session.post(self._url, data=orjson.dumps(payload), timeout=self._stream_timeout) as resp:
+            async with session.post(self._urls[request.endpoint], data=orjson.dumps(payload), timeout=self._stream_timeout) as resp:
                 if resp.status >= 400:
                     raise await self._error_for(resp)
                 async for lines in _lines(resp.content):

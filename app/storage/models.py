@@ -1,4 +1,4 @@
-"""Tables: the request log and the persistent tier of the response cache."""
+"""Tables: the request log, the persistent tier of the response cache, stored Responses API responses."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class Base(DeclarativeBase):
 
 
 class RequestLog(Base):
-    """One row per answered chat completion request; no prompt text unless log_content is on."""
+    """One row per answered model request (any endpoint); no prompt text unless log_content is on."""
 
     __tablename__ = "request_log"
 
@@ -41,6 +41,10 @@ class RequestLog(Base):
     error_type: Mapped[str | None] = mapped_column(String(64))
     prompt: Mapped[str | None] = mapped_column(Text)
     completion: Mapped[str | None] = mapped_column(Text)
+    #: the client protocol's operation: chat, completions, embeddings, responses, messages
+    endpoint: Mapped[str] = mapped_column(String(32), nullable=False, default="chat", server_default="chat")
+    #: the W3C trace id (32 hex digits) of the request's server span, when tracing is on
+    trace_id: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (Index(None, "ts"), Index(None, "agent", "ts"))
 
@@ -58,3 +62,22 @@ class CacheEntry(Base):
     expires_at: Mapped[float] = mapped_column(Float, nullable=False)
 
     __table_args__ = (Index(None, "expires_at"),)
+
+
+class StoredResponse(Base):
+    """A Responses API response kept for ``GET /v1/responses/{id}`` and ``previous_response_id``.
+
+    ``conversation`` is the chat messages that led to it, its own answer included, so that a
+    continuation sends them without walking the chain; ``response`` is the response object as the
+    client got it. Each belongs to the agent that made it; retention follows the request log's.
+    """
+
+    __tablename__ = "stored_responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(128), nullable=False)
+    created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    conversation: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    response: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+    __table_args__ = (Index(None, "created_at"),)
