@@ -15,6 +15,7 @@
         ├── UpstreamAuthError         401/403 from the provider: our key is bad
         ├── UpstreamBadResponseError  the provider answered something that is not OpenAI
         ├── UpstreamClientError       the provider rejected the request itself (400/404/422)
+        │   └── ContextLengthError    400: the prompt does not fit this deployment (failover moves on)
         └── BackendUnavailableError   503: skipped without a call (circuit open, queue full)
             └── BackendRateLimitedError  429: skipped (provider budget spent, cooling after a 429)
 
@@ -23,6 +24,7 @@ Vendor exceptions are translated at the provider boundary (``raise UpstreamError
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -169,6 +171,54 @@ class UpstreamClientError(UpstreamError):
         super().__init__(message, **kwargs)
         self.status = status if status in (400, 404, 413, 422) else 400
         self.error_type = error_type or ("not_found_error" if self.status == 404 else "invalid_request_error")
+
+
+class ContextLengthError(UpstreamClientError):
+    """The prompt (with ``max_tokens``) does not fit this deployment's context window: another
+    deployment of the model may take it, so failover moves on; no breaker failure."""
+
+    retryable = True
+    code = "context_length_exceeded"
+    #: no call was made: the model's ``context_window`` for the deployment ruled it out
+    skipped = False
+
+    def __init__(self, message: str, *, status: int = 400, **kwargs: Any) -> None:
+        if kwargs.get("param") is None:
+            kwargs["param"] = "messages"
+        if kwargs.get("code") is None:
+            kwargs.pop("code", None)
+        super().__init__(message, status=status, **kwargs)
+
+
+#: how providers say a prompt is too long for the model (their code, or these words in the message):
+#: OpenAI, vLLM, DeepSeek, OpenRouter "maximum context length"; Groq, Cerebras "reduce the length
+#: of the messages"; Mistral "too large for model with N maximum context length"; Anthropic "prompt
+#: is too long"; Gemini "input token count (N) exceeds the maximum number of tokens"; Together/TGI
+#: "`inputs` tokens + `max_new_tokens` must be <="; llama.cpp "exceeds the available context size"
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "context_window_exceeded", "model_context_window_exceeded"})
+_CONTEXT_WORDS = re.compile(
+    r"maximum context length|context length exceeded|context_length_exceeded|exceeds? (?:the )?(?:model'?s? )?context (?:window|length)"
+    r"|context window (?:exceeded|is exceeded|too small)|reduce the length of the (?:messages|prompt|input)|too large for model with"
+    r"|prompt is too long|input is too long for|input token count.{0,40}exceeds the maximum"
+    r"|tokens \+ `?max_new_tokens`? must be|exceeds the available context size",
+    re.IGNORECASE,
+)
+
+
+def as_context_length(exc: GatewayError) -> ContextLengthError | None:
+    """``exc`` as a :class:`ContextLengthError` when it is a provider's 400/413/422 saying the prompt
+    is too long for the model (or the in-process engine's 400 coded so); None for any other error."""
+    if isinstance(exc, ContextLengthError):
+        return exc
+    if type(exc) is BadRequestError:
+        if exc.code not in _CONTEXT_CODES:
+            return None
+        return ContextLengthError(exc.message, code=exc.code, param=exc.param)
+    if not isinstance(exc, UpstreamClientError) or exc.status not in (400, 413, 422):
+        return None
+    if exc.code not in _CONTEXT_CODES and not _CONTEXT_WORDS.search(exc.message):
+        return None
+    return ContextLengthError(exc.message, status=400, backend=exc.backend, error_type=exc.error_type, code=exc.code, param=exc.param)
 
 
 class BackendUnavailableError(UpstreamError):

@@ -75,7 +75,7 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(vocab_size: int) -> Any:
+def _train_tokenizer(vocab_size: int, special: list[str] | None = None) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
@@ -84,7 +84,7 @@ def _train_tokenizer(vocab_size: int) -> Any:
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS, PAD, *ROLE_TOKENS],
+        special_tokens=special if special is not None else [BOS, EOS, PAD, *ROLE_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -144,3 +144,76 @@ def _special_token_ids(tokenizer: Any) -> dict[str, int]:
 def _write_generation_config(out: Path, tokenizer: Any) -> None:
     # vLLM reads default sampling values from here; keep them neutral
     (out / "generation_config.json").write_text(json.dumps(_special_token_ids(tokenizer), indent=2) + "\n")
+
+
+# the tiny embedding model
+
+#: the BERT encoder's shape, as ``BertConfig`` names it (head_dim 64, as for the Llama above)
+EMBEDDING_ARCHITECTURE: dict[str, int] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+}
+CLS, SEP, UNK, MASK = "[CLS]", "[SEP]", "[UNK]", "[MASK]"
+
+
+def build_tiny_embedding_model(path: str | Path) -> Path:
+    """Write a tiny random-weight BERT embedding model (mean pooling, normalized, Matryoshka) to ``path``.
+
+    It is laid out as a sentence-transformers model, so vLLM serves it as a pooling model
+    (``runner: pooling``) with mean pooling; ``is_matryoshka`` lets requests ask for fewer
+    ``dimensions``. Every build is identical (seeded).
+    """
+    torch: Any = importlib.import_module("torch")
+    transformers: Any = importlib.import_module("transformers")
+    from tokenizers import processors
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _train_tokenizer(VOCAB_SIZE, special=[PAD, UNK, CLS, SEP, MASK])
+    raw.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, raw.token_to_id(CLS)), (SEP, raw.token_to_id(SEP))]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        cls_token=CLS,
+        sep_token=SEP,
+        pad_token=PAD,
+        unk_token=UNK,
+        mask_token=MASK,
+        model_max_length=EMBEDDING_ARCHITECTURE["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+
+    config = transformers.BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **EMBEDDING_ARCHITECTURE)
+    config.dtype = "float32"
+    config.architectures = ["BertModel"]
+    config.is_matryoshka = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = transformers.BertModel(config, add_pooling_layer=False)
+    model.save_pretrained(out, safe_serialization=True)
+    # sentence-transformers' layout: the pooling vLLM applies (mean over tokens, then normalized)
+    (out / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ],
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": EMBEDDING_ARCHITECTURE["hidden_size"], "pooling_mode_mean_tokens": True}, indent=2) + "\n")
+    (out / "2_Normalize").mkdir(exist_ok=True)
+    return out

@@ -268,7 +268,7 @@ def test_wrong_method_is_405_in_openai_shape(http: httpx.Client, method: str) ->
     assert r.headers["allow"] == "GET"
 
 
-@pytest.mark.parametrize("path", ["/nope", "/v1/completions", "/v1/chat/completions/extra", "/v2/chat/completions", "/v1/%00", "/" + "a" * 5000])
+@pytest.mark.parametrize("path", ["/nope", "/v1/completion", "/v1/chat/completions/extra", "/v2/chat/completions", "/v1/%00", "/" + "a" * 5000])
 def test_unknown_path_is_404_in_openai_shape(http: httpx.Client, path: str) -> None:
     for method in ("GET", "POST"):
         err = assert_openai_error(http.request(method, path, headers=AUTH), 404)

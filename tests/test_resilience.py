@@ -206,7 +206,7 @@ def test_provider_401_counts_as_failure_and_the_event_says_the_key_is_bad(upstre
 
 
 def test_client_mistakes_are_neither_retried_nor_failures(upstream: FakeUpstream, upstream2: FakeUpstream, tmp_path: Path) -> None:
-    upstream.behaviour = "status:400"
+    upstream.behaviour = "refuse"  # a prompt too long is another matter: tests/test_context_fallback.py
     with gateway(two_upstreams(upstream, upstream2, tmp_path, retry="{attempts: 3}"), clock=ManualClock()) as gw:
         for _ in range(6):
             r = post(gw)
@@ -243,7 +243,7 @@ def test_stream_failure_after_the_first_chunk_is_an_error_event_then_done(upstre
         wait_until(lambda: circuit(gw) == (2, 0))  # the mid-stream failure counted against up
         assert post(gw).headers["x-admiral-backend"] == "up2"
         assert upstream.calls == 1
-        assert sample(gw, "admiral_requests_total", agent="tester", model="fast", backend="up", status="502", cache="bypass") == 1
+        assert sample(gw, "admiral_requests_total", agent="tester", model="fast", backend="up", status="502", cache="bypass", endpoint="chat") == 1
 
 
 def test_latency_strategy_prefers_the_faster_deployment(upstream: FakeUpstream, upstream2: FakeUpstream, tmp_path: Path) -> None:

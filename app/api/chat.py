@@ -28,6 +28,19 @@ _valid_recently: Recent[bytes, bool] = Recent()
 def parse_body(raw: bytes) -> dict[str, Any]:
     if _valid_recently.get(raw):
         return orjson.loads(raw)  # type: ignore[no-any-return]
+    body = json_object(raw)
+    try:
+        ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors())) from None
+    check_stream_options(body)
+    if len(raw) <= BODY_MAX_BYTES:
+        _valid_recently.put(raw, True)
+    return body
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 saying why it is none (empty, not JSON, too deep)."""
     if not raw.strip():
         raise BadRequestError("The request body is empty; send a JSON object.")
     try:
@@ -43,15 +56,12 @@ def parse_body(raw: bytes) -> dict[str, Any]:
             orjson.dumps(body)
         except orjson.JSONEncodeError:
             raise BadRequestError("The request body nests too deeply (over 254 levels).") from None
-    try:
-        ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(list(exc.errors())) from None
+    return body
+
+
+def check_stream_options(body: dict[str, Any]) -> None:
     if body.get("stream_options") is not None and body.get("stream") is not True:
         raise BadRequestError("The 'stream_options' parameter is only allowed when 'stream' is true.", param="stream_options")
-    if len(raw) <= BODY_MAX_BYTES:
-        _valid_recently.put(raw, True)
-    return body
 
 
 PATH = "/v1/chat/completions"

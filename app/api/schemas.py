@@ -72,12 +72,12 @@ class ChatCompletionRequest(BaseModel):
         return v
 
 
-def request_body_schema() -> dict[str, Any]:
-    """The request's JSON schema with its definitions inlined, for the OpenAPI document.
+def request_body_schema(model: type[BaseModel] = ChatCompletionRequest) -> dict[str, Any]:
+    """A request's JSON schema with its definitions inlined, for the OpenAPI document.
 
     Pydantic's ``$ref``s point into ``$defs``, which means nothing inside an OpenAPI operation.
     """
-    schema = ChatCompletionRequest.model_json_schema()
+    schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
     def inline(node: Any) -> Any:

@@ -1,4 +1,5 @@
-"""What the pipeline answers: one shape for a complete ``chat.completion`` and for a stream of chunks.
+"""What the pipeline answers: one shape for a complete answer (``chat.completion``, ``text_completion``,
+embeddings ``list``) and for a stream of chunks.
 
 A layer that must act when the answer is over (release a slot, settle a budget, store it, record
 the request) registers a hook with :meth:`Answer.when_done` instead of wrapping the stream; a
@@ -81,7 +82,7 @@ class Answer:
             self._taps = [tap]
 
     def fold(self) -> ChunkAssembler:
-        """The stream folded as it is read into the ``chat.completion`` it amounts to: one fold
+        """The stream folded as it is read into the ``chat.completion`` (or ``text_completion``) it amounts to: one fold
         per stream, however many want it (the cache stores it, a plain request is answered with it).
         Ask before the stream is read: it sees the chunks read after."""
         if self._fold is None:
@@ -165,14 +166,19 @@ def first_content(answer: Answer) -> Callable[[], str | None]:
     if not answer.is_stream:
         def of_body() -> str | None:
             choices = answer.body.get("choices") or ()
-            return (choices[0].get("message") or {}).get("content") if choices else None
+            if not choices:
+                return None
+            first = choices[0]
+            return (first.get("message") or {}).get("content") if "message" in first else first.get("text")  # type: ignore[return-value]
 
         return of_body
     parts: list[str] = []
 
     def tap(chunk: ChatCompletionChunk) -> None:
         for choice in chunk.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta")
+            # a text completion's events carry text instead of a delta
+            content = delta.get("content") if isinstance(delta, dict) else choice.get("text") if delta is None else None
             if content and choice.get("index", 0) == 0:
                 parts.append(content)
 

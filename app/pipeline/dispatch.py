@@ -1,46 +1,78 @@
-"""The end of the line: one call to the deployment chosen by the layers above."""
+"""The end of the line: one call to the deployment chosen by the layers above.
+
+Here the client's body becomes the one the provider takes (its parameter profile, calls split by
+``max_n``; see :mod:`app.pipeline.params`): the layers above, the cache key and dedupe among them,
+see the request as the client sent it.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
 
+from app.config import ProviderConfig
 from app.errors import UpstreamBadResponseError
 from app.pipeline.answer import Answer
 from app.pipeline.base import ModelRequest, RequestContext
+from app.pipeline.params import ParamProfile, gathered, interleaved, joined, metered, metered_after, with_n, with_usage
 from app.providers.base import Provider, UpstreamRequest
 from app.shapes import ChatCompletionChunk
 
 
 class Dispatcher:
-    """Calls ``ctx.deployment``; a stream is returned only once its first chunk has arrived."""
+    """Calls ``ctx.deployment``; a stream is returned only once its first chunk has arrived.
 
-    def __init__(self, providers: dict[str, Provider]) -> None:
+    ``configs`` (the providers' config sections) give each provider its parameter profile and say
+    which ones are HTTP APIs whose answers without usage get it estimated.
+    """
+
+    def __init__(self, providers: dict[str, Provider], configs: Mapping[str, ProviderConfig] | None = None) -> None:
         self._providers = providers
+        configs = configs or {}
+        self._profiles = {name: p for name, c in configs.items() if (p := ParamProfile.of(c)) is not None}
+        #: providers asked for usage over HTTP: what they leave out is estimated
+        self._metered = frozenset(name for name, c in configs.items() if c.kind == "openai")
 
     async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         deployment = ctx.deployment
         assert deployment is not None, "failover sets ctx.deployment before dispatch"
-        provider = self._providers[deployment.provider]
-        call = UpstreamRequest(model=deployment.model, payload=request.body, request_id=ctx.request_id, endpoint=request.endpoint)
+        name = deployment.provider
+        provider = self._providers[name]
+        profile = self._profiles.get(name)
+        payload = request.body if profile is None else profile.apply(request.body)
+        sizes = profile.splits(payload) if profile is not None else None
+        call = UpstreamRequest(model=deployment.model, payload=payload, request_id=ctx.request_id, endpoint=request.endpoint)
         ctx.attempts += 1
         started = time.perf_counter()
         if not request.stream:
-            body = await provider.complete(call)
+            if sizes is None:
+                body = await provider.complete(call)
+            else:
+                bodies = await gathered([provider.complete(_part(call, n)) for n in sizes])
+                body = joined(bodies)
+            if not body.get("usage") and name in self._metered:
+                body = with_usage(body, request)
             ctx.upstream_seconds = time.perf_counter() - started
-            ctx.backend = deployment.provider
-            return Answer(body=body)
-        chunks = provider.stream(call)
+            ctx.backend = name
+            return Answer(body=body)  # type: ignore[arg-type]
+        if sizes is None:
+            chunks = provider.stream(call)
+        else:
+            # each call metered on its own: the prompt it paid counts once per call
+            parts = [provider.stream(_part(call, n)) for n in sizes]
+            chunks = interleaved([metered(p, request) for p in parts] if name in self._metered else parts, sizes)
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
-            raise UpstreamBadResponseError(f"{deployment.provider} sent an empty stream", backend=deployment.provider) from None
+            raise UpstreamBadResponseError(f"{name} sent an empty stream", backend=name) from None
         except BaseException:
-            await chunks.aclose()
+            await chunks.aclose()  # type: ignore[attr-defined]
             raise
         ctx.ttft_seconds = time.perf_counter() - started
-        ctx.backend = deployment.provider
-        answer = Answer(chunks=_after(first, chunks))
+        ctx.backend = name
+        rest = metered_after(first, chunks, request) if name in self._metered else _after(first, chunks)
+        answer = Answer(chunks=cast("AsyncIterator[ChatCompletionChunk]", rest))
 
         async def timed(_: BaseException | None) -> None:
             ctx.upstream_seconds = time.perf_counter() - started
@@ -49,7 +81,11 @@ class Dispatcher:
         return answer
 
 
-async def _after(first: ChatCompletionChunk, rest: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ChatCompletionChunk]:
+def _part(call: UpstreamRequest, n: int) -> UpstreamRequest:
+    return UpstreamRequest(model=call.model, payload=with_n(call.payload, n), request_id=call.request_id, endpoint=call.endpoint)
+
+
+async def _after(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     try:
         yield first
         async for chunk in rest:

@@ -6,6 +6,11 @@ next round starts after exponential backoff with jitter — longer if every depl
 wait (Retry-After) — up to ``retry.attempts`` rounds, never past ``retry.deadline_s``. A round
 where every deployment was skipped uncalled (circuit open, budget spent, queue full) ends at once:
 the client is told when to come back instead of being held.
+
+A prompt too long for a deployment (its 400 says so, or the model's ``context_window`` for it is
+smaller than the prompt's estimate plus ``max_tokens``, so it is skipped uncalled) moves on to
+the next deployment and is not tried again; when no deployment can take it, the client gets that
+400 ``context_length_exceeded``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app.clock import Clock
@@ -20,6 +26,8 @@ from app.config import Settings
 from app.errors import (
     BackendRateLimitedError,
     BackendUnavailableError,
+    BadRequestError,
+    ContextLengthError,
     GatewayError,
     RateLimitError,
     ServiceUnavailableError,
@@ -27,11 +35,13 @@ from app.errors import (
     UpstreamError,
     UpstreamRateLimitError,
     UpstreamTimeoutError,
+    as_context_length,
 )
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
 from app.pipeline.base import Deployment, Handler, ModelRequest, RequestContext
 from app.pipeline.latency import LatencyTracker
+from app.pipeline.params import context_needed
 from app.pipeline.policy import from_section
 
 
@@ -57,8 +67,20 @@ class RetryPolicy:
 class FailoverLayer:
     """Sets ``ctx.deployment`` for each try; answers the first success or one error naming every backend tried."""
 
-    def __init__(self, next_handler: Handler, policy: RetryPolicy, latency: LatencyTracker, clock: Clock, metrics: Metrics, providers: list[str], rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        next_handler: Handler,
+        policy: RetryPolicy,
+        latency: LatencyTracker,
+        clock: Clock,
+        metrics: Metrics,
+        providers: list[str],
+        rng: random.Random | None = None,
+        windows: Mapping[str, Mapping[Deployment, int]] | None = None,
+    ) -> None:
         self._next = next_handler
+        #: public model -> its deployments' context windows (tokens), where the config gives them
+        self._windows = windows or {}
         self._policy = policy
         self._latency = latency
         self._clock = clock
@@ -74,9 +96,12 @@ class FailoverLayer:
         deadline = self._clock.now() + policy.deadline_s
         last: dict[Deployment, UpstreamError] = {}
         calls: dict[Deployment, int] = {}
+        windows = self._windows.get(ctx.route)
+        if windows:
+            self._skip_too_small(request, ctx, windows, last)
         for round_ in range(policy.attempts):
-            # a provider that rejected our key will not accept it a second later
-            order = [d for d in self._order(ctx) if not isinstance(last.get(d), UpstreamAuthError)]
+            # a provider that rejected our key will not accept it a second later, nor a prompt too long for it
+            order = [d for d in self._order(ctx) if not isinstance(last.get(d), (UpstreamAuthError, ContextLengthError))]
             called = False
             for i, deployment in enumerate(order):
                 remaining = deadline - self._clock.now()
@@ -92,8 +117,17 @@ class FailoverLayer:
                     if not limit.expired():
                         raise
                     raise self._exhausted(ctx, last, calls, deadline_hit=True) from None
-                except UpstreamError as exc:
-                    if not exc.retryable:
+                except (UpstreamError, BadRequestError) as exc:
+                    too_long = as_context_length(exc)
+                    if too_long is not None:
+                        # another deployment may have room for it; this one will not, this round or the next
+                        last[deployment] = too_long
+                        ctx.tried.append(f"{deployment}: {exc.message}")
+                        self._count_call(deployment, calls)
+                        if i + 1 < len(order):
+                            self._failovers[deployment.provider].inc()
+                        continue
+                    if not isinstance(exc, UpstreamError) or not exc.retryable:
                         raise
                     last[deployment] = exc
                     ctx.tried.append(f"{deployment}: {exc.message}")
@@ -119,6 +153,17 @@ class FailoverLayer:
             await self._clock.sleep(wait)
         raise self._exhausted(ctx, last, calls)
 
+    def _skip_too_small(self, request: ModelRequest, ctx: RequestContext, windows: Mapping[Deployment, int], last: dict[Deployment, UpstreamError]) -> None:
+        """Mark the deployments whose context window is smaller than the request needs: not called."""
+        needed = context_needed(request)
+        for deployment in ctx.deployments:
+            window = windows.get(deployment)
+            if window is not None and needed > window:
+                message = f"skipped: its context window is {window} tokens, the request needs about {needed}"
+                skip = last[deployment] = ContextLengthError(message, backend=deployment.provider)
+                skip.skipped = True
+                ctx.tried.append(f"{deployment}: {message}")
+
     def _count_call(self, deployment: Deployment, calls: dict[Deployment, int]) -> None:
         calls[deployment] = calls.get(deployment, 0) + 1
         if calls[deployment] > 1:
@@ -126,6 +171,27 @@ class FailoverLayer:
 
     def _exhausted(self, ctx: RequestContext, last: dict[Deployment, UpstreamError], calls: dict[Deployment, int], deadline_hit: bool = False) -> GatewayError:
         return exhausted(ctx.route, ctx.deployments, last, calls, self._policy.deadline_s if deadline_hit else None)
+
+
+def context_windows(settings: Settings) -> dict[str, dict[Deployment, int]]:
+    """Public model -> deployment -> context window, for the models whose config gives any."""
+    out: dict[str, dict[Deployment, int]] = {}
+    for public, model in settings.models.items():
+        sized = {Deployment.parse(d): w for d in model.deployments if (w := model.window_of(d)) is not None}
+        if sized:
+            out[public] = sized
+    return out
+
+
+def too_long_everywhere(route: str, detail: str, errors: list[UpstreamError]) -> ContextLengthError:
+    """The 400 for a prompt no deployment has room for, with the provider's own type, code and param."""
+    said = next((e for e in errors if not (isinstance(e, ContextLengthError) and e.skipped)), None)
+    return ContextLengthError(
+        f"The prompt is too long for every deployment of '{route}': {detail}",
+        error_type=said.error_type if said is not None else None,
+        code=said.code if said is not None else None,
+        param=said.param if said is not None else None,
+    )
 
 
 def exhausted(route: str, deployments: list[Deployment], last: dict[Deployment, UpstreamError], calls: dict[Deployment, int], deadline_s: float | None = None) -> GatewayError:
@@ -144,7 +210,9 @@ def exhausted(route: str, deployments: list[Deployment], last: dict[Deployment, 
     message = f"No backend could answer for '{route}': {detail}"
     if deadline_s is not None:
         return UpstreamTimeoutError(f"{message}; the request deadline of {deadline_s:g} s passed")
-    errors = list(last.values())
+    errors = [e for e in last.values() if not isinstance(e, ContextLengthError)]
+    if last and not errors:
+        return too_long_everywhere(route, detail, list(last.values()))
     waits = [e.retry_after for e in errors if e.retry_after is not None]
     retry_after = min(waits) if waits else 1.0
     if errors and all(isinstance(e, (BackendRateLimitedError, UpstreamRateLimitError)) for e in errors):

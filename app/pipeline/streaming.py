@@ -1,4 +1,5 @@
-"""A complete ``chat.completion`` and its ``chat.completion.chunk`` stream, each made from the other.
+"""A complete answer and its stream, each made from the other: ``chat.completion`` and its
+``chat.completion.chunk`` events, or a legacy ``text_completion`` and its ``text_completion`` events.
 
 Both directions keep every field a provider sent, known or not: a stream folded into an answer
 and an answer replayed as a stream say the same thing as the original (``reasoning_content``,
@@ -8,7 +9,9 @@ and an answer replayed as a stream say the same thing as the original (``reasoni
 Folding follows what OpenAI's SDKs do with a delta: a string adds to the string before it, an
 object merges key by key, a list of objects that carry an ``index`` (tool calls) merges entry by
 entry and any other list grows; ``index``, ``type``, ``id`` and ``role`` name things and are set,
-never added to.
+never added to. A text completion's choices carry ``text`` instead of a delta: the pieces are
+joined, and its ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``)
+grow list by list.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ _NAMING = frozenset({"index", "type", "id", "role"})
 #: per-chunk noise that is no part of the answer (OpenAI's stream obfuscation padding)
 _CHUNK_ONLY = frozenset({"obfuscation"})
 _CHOICE_OWN = frozenset({"index", "delta", "message", "finish_reason", "logprobs"})
+_TEXT_CHOICE_OWN = _CHOICE_OWN | {"text"}
+#: what a complete text completion and each of its stream events say they are
+TEXT_COMPLETION = "text_completion"
 
 
 def _merge(into: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -53,6 +59,16 @@ def _merge_list(into: list[Any], items: list[Any]) -> None:
         into.append(_copy(item))
 
 
+def _overlay(into: dict[str, Any], later: dict[str, Any]) -> None:
+    """A chunk's top-level object said again, maybe with more: no delta, so what it repeats is kept once."""
+    for key, value in later.items():
+        have = into.get(key)
+        if isinstance(have, dict) and isinstance(value, dict):
+            _overlay(have, value)
+        elif value is not None or key not in into:
+            into[key] = _copy(value)
+
+
 def _copy(value: Any) -> Any:
     # folding adds to what it holds: a chunk's own objects must not change under the one who sent it
     if isinstance(value, dict):
@@ -63,14 +79,17 @@ def _copy(value: Any) -> Any:
 
 
 class ChunkAssembler:
-    """Folds chunks into one ``chat.completion``; ``finished`` once every choice has a finish_reason."""
+    """Folds chunks into one ``chat.completion`` (or ``text_completion``, when the chunks' choices
+    carry ``text``); ``finished`` once every choice has a finish_reason."""
 
-    __slots__ = ("_choices", "_head", "usage")
+    __slots__ = ("_choices", "_head", "_text", "usage")
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
+        #: the chunks are a text completion's
+        self._text = False
 
     def add(self, chunk: ChatCompletionChunk | dict[str, Any]) -> None:
         for key, value in chunk.items():
@@ -85,25 +104,34 @@ class ChunkAssembler:
                 if have is None:
                     self._head[key] = _copy(value)
                 elif isinstance(have, dict) and isinstance(value, dict):
-                    _merge(have, value)  # e.g. x_groq: {id} first, {id, usage} last
+                    _overlay(have, value)  # e.g. x_groq: {id} first, {id, usage} last
 
     def _add_choice(self, choice: ChunkChoice | dict[str, Any]) -> None:
         index = choice.get("index", 0)
         state = self._choices.get(index)
         if state is None:
-            state = self._choices[index] = {"message": {}, "rest": {}, "finish_reason": None, "logprobs": None}
+            state = self._choices[index] = {"message": {}, "rest": {}, "finish_reason": None, "logprobs": None, "text": []}
         delta = choice.get("delta")
         if delta:
             _merge(state["message"], delta)
+        elif delta is None:
+            text = choice.get("text")
+            if isinstance(text, str):
+                self._text = True
+                state["text"].append(text)
         logprobs = choice.get("logprobs")
         if logprobs:
             if state["logprobs"] is None:
                 state["logprobs"] = {}
-            _merge(state["logprobs"], logprobs)
+            if self._text:
+                _extend(state["logprobs"], logprobs)
+            else:
+                _merge(state["logprobs"], logprobs)
         if choice.get("finish_reason"):
             state["finish_reason"] = choice["finish_reason"]
+        own = _TEXT_CHOICE_OWN if self._text else _CHOICE_OWN
         for key, value in choice.items():
-            if key not in _CHOICE_OWN and value is not None:
+            if key not in own and value is not None:
                 state["rest"][key] = value
 
     @property
@@ -111,6 +139,8 @@ class ChunkAssembler:
         return bool(self._choices) and all(c["finish_reason"] for c in self._choices.values())
 
     def result(self) -> ChatCompletion:
+        if self._text:
+            return self._text_result()  # type: ignore[return-value]
         choices = []
         for index in sorted(self._choices):
             state = self._choices[index]
@@ -125,10 +155,42 @@ class ChunkAssembler:
             body["usage"] = self.usage
         return body  # type: ignore[return-value]
 
+    def _text_result(self) -> dict[str, Any]:
+        choices = []
+        for index in sorted(self._choices):
+            state = self._choices[index]
+            choices.append({"index": index, "text": "".join(state["text"]), "logprobs": state["logprobs"], "finish_reason": state["finish_reason"], **state["rest"]})
+        body: dict[str, Any] = {**self._head, "object": TEXT_COMPLETION, "choices": choices}
+        if self.usage:
+            body["usage"] = self.usage
+        return body
+
+
+def _extend(into: dict[str, Any], logprobs: dict[str, Any]) -> None:
+    """A text completion's logprobs: parallel lists, one entry per token, each list grown."""
+    for key, value in logprobs.items():
+        have = into.get(key)
+        if isinstance(have, list) and isinstance(value, list):
+            have.extend(_copy(value))
+        elif value is not None or key not in into:
+            into[key] = _copy(value)
+
+
+def is_text_completion(body: ChatCompletion | dict[str, Any]) -> bool:
+    """Whether a complete answer is a legacy ``text_completion`` rather than a ``chat.completion``."""
+    if body.get("object") == TEXT_COMPLETION:
+        return True
+    choices: Any = body.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices else None
+    return isinstance(first, dict) and "message" not in first and isinstance(first.get("text"), str)
+
 
 def replay(body: ChatCompletion | dict[str, Any]) -> Iterator[ChatCompletionChunk]:
     """A complete answer as chunks: a role chunk, each choice's whole delta (with its logprobs),
-    a finish chunk, and a usage chunk when the answer has usage."""
+    a finish chunk, and a usage chunk when the answer has usage (a text completion: see :func:`replay_text`)."""
+    if is_text_completion(body):
+        yield from replay_text(body)  # type: ignore[misc, arg-type]
+        return
     base = {k: v for k, v in body.items() if k not in ("choices", "usage", "object")}
     base["object"] = "chat.completion.chunk"
     choices = body.get("choices") or []
@@ -153,3 +215,20 @@ def replay(body: ChatCompletion | dict[str, Any]) -> Iterator[ChatCompletionChun
     yield {**base, "choices": closing}  # type: ignore[misc]
     if body.get("usage"):
         yield {**base, "choices": [], "usage": body["usage"]}  # type: ignore[misc]
+
+
+def replay_text(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A complete ``text_completion`` as its stream: each choice's whole text (with its logprobs),
+    a finish event, and a usage event when the answer has usage."""
+    base = {k: v for k, v in body.items() if k not in ("choices", "usage")}
+    base["object"] = TEXT_COMPLETION
+    choices = body.get("choices") or []
+    for i, choice in enumerate(choices):
+        yield {**base, "choices": [{"index": choice.get("index", i), "text": choice.get("text") or "", "logprobs": choice.get("logprobs"), "finish_reason": None}]}
+    closing = []
+    for i, choice in enumerate(choices):
+        rest = {k: v for k, v in choice.items() if k not in _TEXT_CHOICE_OWN}
+        closing.append({"index": choice.get("index", i), "text": "", "logprobs": None, "finish_reason": choice.get("finish_reason") or "stop", **rest})
+    yield {**base, "choices": closing}
+    if body.get("usage"):
+        yield {**base, "choices": [], "usage": body["usage"]}

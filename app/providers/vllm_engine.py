@@ -13,12 +13,13 @@ re-imports the main module: nothing here runs at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import difflib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from typing import Any
 from app.errors import BackendUnavailableError, BadRequestError, UpstreamError
 from app.providers.base import UpstreamRequest
 from app.providers.vllm_params import DEFAULT_MAX_TOKENS, RequestPlan, param_of, plan_request, sampling_params
+from app.providers.vllm_text import TextRequest, TextWriter, text_request, text_usage
 from app.providers.vllm_tools import ToolCallReader
+from app.vectors import floats_to_base64
 
 __all__ = ["DEFAULT_MAX_TOKENS", "INSTALL_HINT", "VLLMEngineProvider", "validate_engine_args"]
 
@@ -68,6 +71,8 @@ def validate_engine_args(engine: dict[str, Any]) -> None:
             raise ValueError("'model' is set on the provider itself (a local model directory), not under 'engine'")
         if key == "tool_parser":
             _validate_tool_parser(engine[key])
+        elif key == "runner":
+            _validate_runner(engine[key])
         elif key not in known:
             raise ValueError(f"unknown vLLM engine argument {key!r}{_did_you_mean(key, known | GATEWAY_ENGINE_KEYS)}")
 
@@ -80,6 +85,16 @@ def _validate_tool_parser(name: Any) -> None:
         raise ValueError(f"'tool_parser' must name one of vLLM's tool-call parsers ({', '.join(known)}), got {name!r}")
     if name not in known:
         raise ValueError(f"unknown vLLM tool parser {name!r}{_did_you_mean(name, known)}; known: {', '.join(known)}")
+
+
+def _validate_runner(value: Any) -> None:
+    from typing import get_args
+
+    from vllm.config.model import RunnerOption
+
+    known = [v for arg in get_args(RunnerOption) for v in (get_args(arg) or (arg,))]
+    if value not in known:
+        raise ValueError(f"'runner' must be one of {', '.join(known)} (pooling: an embedding model for /v1/embeddings), got {value!r}")
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -259,15 +274,23 @@ class VLLMEngineProvider:
         value = max(logprob.logprob, -9999.0) if logprob is not None else -9999.0
         return {"token": token, "logprob": value, "bytes": list(token.encode("utf-8", errors="replace"))}
 
-    async def _generate(self, request: UpstreamRequest, plan: RequestPlan, *, stream: bool) -> AsyncGenerator[Any, None]:
-        """Run one request through the engine, mapping vLLM errors; abort it if left unfinished."""
+    async def _generate(self, request: UpstreamRequest, plan: RequestPlan, *, stream: bool, prompt: Any = None, prompt_logprobs: int | None = None) -> AsyncGenerator[Any, None]:
+        """Run one request through the engine, mapping vLLM errors; abort it if left unfinished.
+
+        ``prompt``: an engine prompt rendered already (a text completion's); else the chat messages are rendered."""
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self._engine_or_fail()
-        prompt, prompt_len = await self._prompt(engine, request.payload, plan)
+        self._require_runner(engine, "generate", request.endpoint)
+        if prompt is None:
+            prompt, prompt_len = await self._prompt(engine, request.payload, plan)
+        else:
+            prompt_len = len(prompt["prompt_token_ids"])
         skip_special_tokens = self._skip_special_tokens(engine, plan)
         params = sampling_params(engine, request.payload, prompt_len, plan, stream=stream, skip_special_tokens=skip_special_tokens)
+        if prompt_logprobs is not None:
+            params.prompt_logprobs = prompt_logprobs
         engine_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         self._inflight.add(engine_id)
         outputs = engine.generate(prompt, params, engine_id)
@@ -303,6 +326,10 @@ class VLLMEngineProvider:
     # the protocol
 
     async def complete(self, request: UpstreamRequest) -> dict[str, Any]:
+        if request.endpoint == "embeddings":
+            return await self._embeddings(request)
+        if request.endpoint == "completions":
+            return await self._text_completion(request)
         plan = plan_request(request.payload, self.name, self._tool_parser)
         final = None
         async with aclosing(self._generate(request, plan, stream=False)) as outputs:
@@ -334,6 +361,11 @@ class VLLMEngineProvider:
         }
 
     async def stream(self, request: UpstreamRequest) -> AsyncGenerator[dict[str, Any], None]:
+        if request.endpoint == "completions":
+            async with aclosing(self._text_stream(request)) as events:
+                async for event in events:
+                    yield event
+            return
         plan = plan_request(request.payload, self.name, self._tool_parser)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": request.model}
         readers: dict[int, ToolCallReader] = {}
@@ -365,3 +397,158 @@ class VLLMEngineProvider:
         options = request.payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
             yield {**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+
+    # legacy text completions (see vllm_text)
+
+    async def _text_prompts(self, text: TextRequest) -> tuple[list[Any], list[str]]:
+        """The engine prompts of a completions request, and each prompt's text (for ``echo``)."""
+        from vllm.exceptions import VLLMClientError
+
+        engine = self._engine_or_fail()
+        self._require_runner(engine, "generate", "completions")
+        try:
+            prompts = await engine.renderer.render_cmpl_async(text.prompts)
+            for prompt in prompts:
+                # checked by the engine only once the request runs, where it names no field
+                engine.renderer.validate_token_ids(prompt["prompt_token_ids"], parameter="prompt")
+        except (VLLMClientError, ValueError, TypeError, KeyError) as exc:
+            raise BadRequestError(f"invalid prompt for {self._model}: {exc}", param="prompt") from None
+        texts = [p.get("prompt", "") for p in text.prompts]
+        if text.echo:
+            tokenizer = engine.renderer.get_tokenizer()
+            texts = [t or tokenizer.decode(p["prompt_token_ids"]) for t, p in zip(texts, prompts, strict=True)]
+        return prompts, texts
+
+    def _text_runs(self, request: UpstreamRequest, text: TextRequest, prompts: list[Any], *, stream: bool) -> list[AsyncGenerator[Any, None]]:
+        call = dataclasses.replace(request, payload=text.payload)
+        scored = text.plan.logprobs if text.echo else None
+        return [self._generate(call, text.plan, stream=stream, prompt=p, prompt_logprobs=scored) for p in prompts]
+
+    async def _text_completion(self, request: UpstreamRequest) -> dict[str, Any]:
+        text = text_request(request.payload, self.name)
+        prompts, texts = await self._text_prompts(text)
+        writer = TextWriter(text, self._engine.renderer.get_tokenizer(), texts)
+
+        async def final(run: AsyncGenerator[Any, None]) -> Any:
+            last = None
+            async with aclosing(run) as outputs:
+                async for output in outputs:
+                    last = output
+            if last is None:
+                raise UpstreamError(f"vLLM engine {self.name} returned no output", backend=self.name)
+            return last
+
+        tasks = [asyncio.ensure_future(final(run)) for run in self._text_runs(request, text, prompts, stream=False)]
+        with _prompt_param():
+            try:
+                finals = await asyncio.gather(*tasks)
+            except Exception:
+                # one prompt failed: the others' engine requests are of no use any more
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        choices: list[dict[str, Any]] = []
+        completion_tokens = 0
+        for i, output in enumerate(finals):
+            for out in output.outputs:
+                index, piece, logprobs = writer.piece(i, output, out)
+                completion_tokens += len(out.token_ids)
+                choices.append({"index": index, "text": piece, "logprobs": logprobs, "finish_reason": self._finish_reason(out.finish_reason)})
+        choices.sort(key=lambda c: c["index"])
+        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": request.model, "choices": choices, "usage": text_usage(prompt_tokens, completion_tokens)}
+
+    async def _text_stream(self, request: UpstreamRequest) -> AsyncGenerator[dict[str, Any], None]:
+        from vllm.utils.async_utils import merge_async_iterators
+
+        text = text_request(request.payload, self.name)
+        prompts, texts = await self._text_prompts(text)
+        writer = TextWriter(text, self._engine.renderer.get_tokenizer(), texts)
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": request.model}
+        completion_tokens = 0
+        with _prompt_param():
+            async with aclosing(merge_async_iterators(*self._text_runs(request, text, prompts, stream=True))) as outputs:
+                async for i, output in outputs:
+                    for out in output.outputs:
+                        completion_tokens += len(out.token_ids)
+                        finish = self._finish_reason(out.finish_reason) if out.finish_reason is not None else None
+                        index, piece, logprobs = writer.piece(i, output, out)
+                        if piece or logprobs or finish:
+                            yield {**base, "choices": [{"index": index, "text": piece, "logprobs": logprobs, "finish_reason": finish}]}
+        options = request.payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+            yield {**base, "choices": [], "usage": text_usage(prompt_tokens, completion_tokens)}
+
+    # embeddings: an engine started with ``runner: pooling`` (or a model vLLM pools by default)
+
+    def _require_runner(self, engine: Any, runner: str, endpoint: str) -> None:
+        """A 400 naming the mismatch when this engine's model cannot serve ``endpoint``."""
+        if engine.model_config.runner_type == runner:
+            return
+        if runner == "pooling":
+            raise BadRequestError(f"{self.name} serves a text generation model, not embeddings: give the vllm provider engine.runner: pooling and an embedding model", param="model")
+        raise BadRequestError(f"{self.name} serves an embedding model (runner: pooling): it answers /v1/embeddings only, not {endpoint}", param="model")
+
+    async def _embeddings(self, request: UpstreamRequest) -> dict[str, Any]:
+        """An embeddings list: one engine request per input, batched by the engine as they run."""
+        from vllm.pooling_params import PoolingParams
+
+        engine = self._engine_or_fail()
+        self._require_runner(engine, "pooling", request.endpoint)
+        payload = request.payload
+        value = payload.get("input")
+        items = [value] if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)) else value
+        if not isinstance(items, list) or not items:
+            raise BadRequestError("'input' must be a string, strings, token ids or token id arrays", param="input")
+        params = PoolingParams(task="embed", dimensions=payload.get("dimensions"))
+        results = await asyncio.gather(*(self._embed_one(engine, item, params, f"{request.request_id}-{uuid.uuid4().hex[:8]}", payload) for item in items))
+        base64 = payload.get("encoding_format") == "base64"
+        data = [{"object": "embedding", "index": i, "embedding": floats_to_base64(vector) if base64 else vector} for i, (vector, _) in enumerate(results)]
+        tokens = sum(n for _, n in results)
+        return {"object": "list", "data": data, "model": request.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def _embed_one(self, engine: Any, item: Any, params: Any, engine_id: str, payload: dict[str, Any]) -> tuple[list[float], int]:
+        """One input's vector and its prompt length; vLLM's errors mapped as for generation, aborted if left unfinished."""
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        prompt = item if isinstance(item, str) else {"prompt_token_ids": item}
+        self._inflight.add(engine_id)
+        final = None
+        outputs = None
+        try:
+            outputs = engine.encode(prompt, params.clone(), engine_id)
+            async for output in outputs:
+                final = output
+        except (VLLMClientError, ValueError) as exc:
+            # what vLLM refuses of an embedding request is its dimensions or an input (too long, bad token ids)
+            raise BadRequestError(f"{self.name}: {exc}", param="dimensions" if "dimensions" in str(exc) else "input") from None
+        except GracefulHTTPError as exc:
+            raise BackendUnavailableError(f"vLLM engine {self.name} is busy: {exc.message}", backend=self.name, retry_after=1) from None
+        except EngineDeadError as exc:
+            raise UpstreamError(f"vLLM engine {self.name} has died", backend=self.name) from exc
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            raise UpstreamError(f"vLLM engine {self.name} failed: {type(cause).__name__}: {cause}", backend=self.name) from exc
+        finally:
+            self._inflight.discard(engine_id)
+            if outputs is not None:
+                await outputs.aclose()
+            if (final is None or not final.finished) and not engine.errored:
+                await engine.abort(engine_id)
+        if final is None:
+            raise UpstreamError(f"vLLM engine {self.name} returned no embedding", backend=self.name)
+        return final.outputs.data.float().tolist(), len(final.prompt_token_ids or ())
+
+
+@contextlib.contextmanager
+def _prompt_param() -> Iterator[None]:
+    """A text completion's prompt is ``prompt``: the engine's checks name the chat field, ``messages``."""
+    try:
+        yield
+    except BadRequestError as exc:
+        if exc.param != "messages":
+            raise
+        raise BadRequestError(exc.message.replace("'messages'", "'prompt'"), param="prompt") from None

@@ -223,7 +223,8 @@ def sampling_params(engine: Any, payload: dict[str, Any], prompt_len: int, plan:
     context = engine.model_config.max_model_len
     room = context - prompt_len
     if room < 1:
-        raise BadRequestError(f"the prompt is {prompt_len} tokens, which leaves no room in the model's {context}-token context", param="messages")
+        # coded as OpenAI codes it: failover tries the model's next deployment, which may have room
+        raise BadRequestError(f"the prompt is {prompt_len} tokens, which leaves no room in the model's {context}-token context", param="messages", code="context_length_exceeded")
     limit_field = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
     limit = payload.get(limit_field)
     if limit is None:
