@@ -6,6 +6,7 @@ from app.config import ConfigError, Settings
 from app.providers.base import Provider, UpstreamRequest
 from app.providers.demo import DemoProvider
 from app.providers.openai_compat import OpenAICompatibleProvider
+from app.providers.openai_responses import OpenAIResponsesProvider
 
 __all__ = ["Provider", "UpstreamRequest", "build_providers"]
 
@@ -14,7 +15,9 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     """One provider per config entry; a vLLM provider needs the optional vllm extra."""
     providers: dict[str, Provider] = {}
     for name, config in settings.providers.items():
-        if config.kind == "openai":
+        if config.kind == "openai" and config.responses == "native":
+            providers[name] = OpenAIResponsesProvider(name, config)
+        elif config.kind == "openai":
             providers[name] = OpenAICompatibleProvider(name, config)
         elif config.kind == "demo":
             providers[name] = DemoProvider(name, config)

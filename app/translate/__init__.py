@@ -1,0 +1,1 @@
+"""Other client protocols in the words of chat completions, and back."""
