@@ -7,6 +7,7 @@ import os
 
 from fastapi import APIRouter, Request
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.responses import Response
 
 router = APIRouter()
@@ -32,7 +33,11 @@ async def metrics(request: Request) -> Response:
         # reads one file per worker: off the event loop
         data = await asyncio.to_thread(_merged)
     else:
-        data = generate_latest(request.app.state.services.metrics.registry)
+        services = request.app.state.services
+        if services.telemetry is not None and "application/openmetrics-text" in request.headers.get("accept", ""):
+            # what Prometheus asks for, and the one format with exemplars: a slow request's trace id on its bucket
+            return Response(openmetrics.generate_latest(services.metrics.registry), media_type=openmetrics.CONTENT_TYPE_LATEST)
+        data = generate_latest(services.metrics.registry)
     return Response(data, media_type=CONTENT_TYPE)
 
 
