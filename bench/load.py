@@ -28,6 +28,8 @@ class WrkResult:
     p90_ms: float
     p99_ms: float
     errors: int
+    p999_ms: float = 0.0
+    max_ms: float = 0.0
 
     @property
     def rps(self) -> float:
@@ -109,4 +111,5 @@ def wrk(port: int, work: Workload, *, connections: int, duration: float, cpus: s
     data = json.loads(line.removeprefix("BENCHJSON "))
     errors = sum(data.get(k, 0) for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
     seconds = data["duration_us"] / 1e6 if "duration_us" in data else elapsed
-    return WrkResult(data["requests"], seconds, data.get("p50_us", 0) / 1000, data.get("p90_us", 0) / 1000, data.get("p99_us", 0) / 1000, errors)
+    ms = {name: data.get(f"{name}_us", 0) / 1000 for name in ("p50", "p90", "p99", "p999", "max")}
+    return WrkResult(data["requests"], seconds, ms["p50"], ms["p90"], ms["p99"], errors, ms["p999"], ms["max"])

@@ -20,7 +20,7 @@ sys.path.insert(0, str(BENCH))
 
 import tools
 
-SCENARIOS = ("baselines", "gateway", "stream", "workers", "rss")
+SCENARIOS = ("baselines", "gateway", "stream", "workers", "rss", "stalls")
 #: share of CPU time busy with no benchmark running above which the figures are not trustworthy
 BUSY = 0.10
 
@@ -32,9 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=50, help="wrk connections for throughput runs (default 50)")
     p.add_argument("--ttfb-requests", type=int, default=300, help="streamed requests per TTFB median, per round (default 300)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the baseline and gateway runs, figures are medians (default 5, --quick 3)")
+    p.add_argument("--stall-duration", type=float, default=60.0, help="seconds of each run of the stalls scenario (default 60)")
     p.add_argument("--quick", action="store_true", help="3 rounds, and RSS marks at 2k/20k requests instead of 10k/100k")
     p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
     p.add_argument("--skip-gateway", action="store_true", help="baselines only (no admiral-optimizer needed)")
+    p.add_argument("--gateway-tree", type=Path, default=None, help="run the gateway from this checkout (on PYTHONPATH) instead of the installed one")
     p.add_argument("--no-install", action="store_true", help="never apt-get or pip install anything")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json", help="results file")
     args = p.parse_args(argv)
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = BENCH / "results" / "work"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    if args.gateway_tree is not None:
+        gateway_cmd = tools.tree_command(workdir, args.gateway_tree, "tree")
     rss_marks = (2_000, 20_000) if args.quick else (10_000, 100_000)
     print(f"bench: {plan.describe()}; {args.duration:g}s per run, c={args.connections}", flush=True)
 
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("workers", "rss"):
             if name in args.only:
                 getattr(bench, name)()
+        if "stalls" in args.only:
+            import stalls
+
+            stalls.run(bench, args.stall_duration)
     busy_after = busy_fraction()
 
     bench.ceiling_check()
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "ttfb_requests": args.ttfb_requests,
         "rss_marks": list(rss_marks),
+        "stall_duration_s": args.stall_duration,
         "rounds": args.rounds,
         "scenarios": args.only,
     }

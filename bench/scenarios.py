@@ -12,7 +12,7 @@ from typing import Any
 import servers
 from load import Workload, WrkResult, wrk
 from procs import CpuPlan, Server, http_call
-from stream_load import StreamResult, stream_load
+from stream_load import StreamResult, percentile, stream_load
 from upstream import STREAM_PATH
 
 #: the ceiling each kind of throughput figure is compared with: what its load generator sends straight to nginx
@@ -39,6 +39,8 @@ class Bench:
     #: every round's value of the figures measured in rounds
     rounds_seen: dict[str, list[float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: (p99, p99.9, max) in ms of every run of a figure, round by round
+    tails: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -81,12 +83,27 @@ class Bench:
         return result
 
     def measure(self, key: str, server: Server, work: Workload, connections: int, warm: bool) -> float:
-        """One run for figure ``key``: its throughput, or its median latency (``_ms``)."""
+        """One run for figure ``key``: its throughput, or its median latency (``_ms``); its tail goes to ``tails``."""
         if work.stream:
             streamed = self.stream(server, work, connections, warm=warm, ttfb=key.endswith("_ms"))
+            # a throughput run's tail is whole streams (request to last byte), a TTFB run's is the first byte
+            times = streamed.ttfb_ms if key.endswith("_ms") else streamed.total_ms
+            self.tails.setdefault(key, []).append(tuple(percentile(times, q) for q in (99.0, 99.9, 100.0)))  # type: ignore[arg-type]
             return streamed.ttfb_p50_ms if key.endswith("_ms") else streamed.chunks_per_s
         result = self.load(server, work, connections, warm=warm)
+        self.tails.setdefault(key, []).append((result.p99_ms, result.p999_ms, result.max_ms))
         return result.p50_ms if key.endswith("_ms") else result.rps
+
+    def record_tail(self, key: str, label: str) -> None:
+        """p99 and p99.9 (medians over the rounds) and max (over all of them) of figure ``key``'s runs."""
+        runs = self.tails.get(key)
+        if not runs:
+            return
+        p99 = statistics.median(r[0] for r in runs)
+        p999 = statistics.median(r[1] for r in runs)
+        top = max(r[2] for r in runs)
+        self.figures.update({f"{key}_p99_ms": round(p99, 3), f"{key}_p999_ms": round(p999, 3), f"{key}_max_ms": round(top, 3)})
+        print(f"  {'':<4}{label[:44]:<48} tail: p99 {p99:.2f} ms, p99.9 {p999:.2f} ms, max {top:.2f} ms", flush=True)
 
     def ceiling_check(self) -> None:
         """Warn when a server got near what the load generator alone can send."""
@@ -165,6 +182,7 @@ class Bench:
                 values = samples[key]
                 note = f"median of {len(values)}, {min(values):.2f} to {max(values):.2f}"
                 self.record(key, statistics.median(values), _unit(key), label, note)
+                self.record_tail(key, label)
         if with_stream:
             direct = stream_load(self.upstream_port, streams, connections=1, requests=self.ttfb_requests, warmup=TTFB_WARMUP)
             self.record("ttfb_direct_ms", direct.ttfb_p50_ms, "ms", f"stream TTFB direct to nginx (median of {direct.streams})")
@@ -175,9 +193,11 @@ class Bench:
         misses = Workload("bench", unique=True, auth=servers.GATEWAY_KEY)
         for n in (1, 2):
             with self._gateway(self.plan.every, workers=n, name=f"gateway-{n}w") as gw:
-                self.record(
-                    f"gateway_{n}w_rps", self.load(gw, misses, self.connections).rps, "req/s", f"gateway --workers {n}, unique prompts, c={self.connections}"
-                )
+                key = f"gateway_{n}w_rps"
+                result = self.load(gw, misses, self.connections)
+                self.tails[key] = [(result.p99_ms, result.p999_ms, result.max_ms)]
+                self.record(key, result.rps, "req/s", f"gateway --workers {n}, unique prompts, c={self.connections}")
+                self.record_tail(key, f"gateway --workers {n}")
 
     def rss(self) -> None:
         """RSS of a fresh gateway after the first and the last mark of unique, no-store requests."""

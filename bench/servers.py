@@ -50,8 +50,10 @@ def constant(workdir: Path, cpus: str | None) -> Server:
     return uvicorn_app("constant", "constant", workdir, cpus)
 
 
-def gateway(command: str, workdir: Path, upstream_port: int, cpus: str | None, workers: int = 1, name: str = "gateway") -> Server:
-    """``admiral-optimizer serve --config bench/gateway.yaml`` on a fresh database in ``workdir``."""
+def gateway(
+    command: str, workdir: Path, upstream_port: int, cpus: str | None, workers: int = 1, name: str = "gateway", database_url: str | None = None
+) -> Server:
+    """``admiral-optimizer serve --config bench/gateway.yaml`` on a fresh SQLite file in ``workdir``, or on ``database_url`` (emptied by the caller)."""
     port = free_port()
     db_dir = workdir / name
     db_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def gateway(command: str, workdir: Path, upstream_port: int, cpus: str | None, w
         "BENCH_UPSTREAM_PORT": str(upstream_port),
         "BENCH_GATEWAY_KEY": GATEWAY_KEY,
         "BENCH_ADMIN_KEY": "bench-admin-key-0123456789",
-        "BENCH_WORKDIR": str(db_dir),
+        "BENCH_DATABASE_URL": database_url or f"sqlite+aiosqlite:///{db_dir}/admiral.db",
     }
     config = str(BENCH / "gateway.yaml")
     log = workdir / f"{name}.log"

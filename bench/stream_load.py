@@ -15,6 +15,7 @@ and its chunks are not counted.
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +41,12 @@ class StreamResult:
     ttfb_ms: tuple[float, ...]
     errors: int
     first_error: str | None
+    #: request written to last byte read, per counted stream, in milliseconds
+    total_ms: tuple[float, ...] = ()
+
+    def total_percentile_ms(self, q: float) -> float:
+        """The ``q``-th percentile (0-100, nearest rank) of the whole streams' times; 100 is the slowest."""
+        return percentile(self.total_ms, q)
 
     @property
     def chunks_per_s(self) -> float:
@@ -134,6 +141,7 @@ async def _run(port: int, work: Workload, connections: int, duration: float | No
     deadline = started + (duration or 0.0)
     issued = streams = chunks = errors = 0
     ttfb: list[float] = []
+    whole: list[float] = []
     first_error: list[str] = []
 
     def error(what: str) -> None:
@@ -153,6 +161,7 @@ async def _run(port: int, work: Workload, connections: int, duration: float | No
                     _, conn = await loop.create_connection(_Connection, HOST, port)
                 sent = time.perf_counter()
                 status, first, body = await conn.ask(build(i))
+                ended = time.perf_counter()
             except OSError as exc:
                 error(f"{type(exc).__name__}: {exc}")
                 conn = None
@@ -167,11 +176,21 @@ async def _run(port: int, work: Workload, connections: int, duration: float | No
             streams += 1
             chunks += n
             ttfb.append((first - sent) * 1000)
+            whole.append((ended - sent) * 1000)
         if conn is not None:
             conn.close()
 
     await asyncio.gather(*(client() for _ in range(connections)))
-    return StreamResult(streams, chunks, time.perf_counter() - started, tuple(ttfb), errors, first_error[0] if first_error else None)
+    return StreamResult(streams, chunks, time.perf_counter() - started, tuple(ttfb), errors, first_error[0] if first_error else None, tuple(whole))
+
+
+def percentile(values: tuple[float, ...] | list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0-100) of ``values``; 0 when there are none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
 
 
 def stream_load(port: int, work: Workload, *, connections: int, duration: float | None = None, requests: int | None = None, warmup: int = 0) -> StreamResult:

@@ -51,13 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds slept on every request (default 0.2)")
     parser.add_argument("--behaviour", default="ok", help="fake behaviour, e.g. ok, dribble:0.05, 500 (default ok)")
+    parser.add_argument("--by-model", action="append", default=[], metavar="MODEL=BEHAVIOUR", help="a behaviour for requests naming MODEL (repeatable), e.g. broken=500")
     args = parser.parse_args(argv)
+    by_model: dict[str, str] = {}
     try:
         Behaviour.parse(args.behaviour)
+        for item in args.by_model:
+            model, sep, behaviour = item.partition("=")
+            if not sep or not model:
+                raise ValueError(f"--by-model wants MODEL=BEHAVIOUR, not {item!r}")
+            Behaviour.parse(behaviour)
+            by_model[model] = behaviour
     except ValueError as exc:
         parser.error(str(exc))
 
     up = FixedPortFakeUpstream(args.port, behaviour=args.behaviour, latency=args.latency)
+    up.by_model = by_model
     try:
         up.start()
     except OSError as exc:

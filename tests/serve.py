@@ -29,8 +29,8 @@ def cli_command() -> list[str]:
 class ServeProcess:
     """``admiral-optimizer serve`` on a free loopback port; ``stop()`` sends SIGTERM and waits."""
 
-    def __init__(self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None, cwd: Path | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()  # a given port: the same gateway started again where clients know it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = config.with_suffix(f".{self.port}.log")
         args = [*cli_command(), "serve", "--config", str(config), "--port", str(self.port), "--workers", str(workers), "--log-level", "info"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,10 +56,19 @@ def test_compose_mounts_files_that_exist() -> None:
                 assert (ROOT / source).exists(), f"{name}: {source} is missing"
 
 
+def test_grafana_admin_password_comes_from_the_environment() -> None:
+    grafana = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["grafana"]["environment"]
+    # ${VAR:?message}: compose refuses to start without it, so there is no admin/admin to forget
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
 def test_compose_file_validates() -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose not installed")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GRAFANA_ADMIN_PASSWORD": "not-admin"}
     for args in ([], ["--profile", "scaleout"]):
-        r = subprocess.run([binary, *args, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([binary, *args, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env, check=False)
         assert r.returncode == 0, r.stderr
+    r = subprocess.run([binary, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60, env={"PATH": env["PATH"]}, check=False)
+    assert r.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in r.stderr

@@ -193,18 +193,21 @@ def test_redis_outage_requests_served_readiness_reports(up: FakeUpstream) -> Non
     with gateway(config(up, extra=f'state: {{url: "redis://127.0.0.1:{proxy.port}/0", key_prefix: "admiral-lifecycle-test:"}}')) as gw:
         gw.call(proxy.start())
 
-        def ready() -> int:
-            return httpx.get(f"{gw.url}/health/ready", timeout=20).status_code
+        def ready() -> str:
+            return str(httpx.get(f"{gw.url}/health/ready", timeout=20).json()["status"])
 
-        wait_for(lambda: ready() == 200, what="ready with Redis")
+        wait_for(lambda: ready() == "ready", what="ready with Redis")
         assert httpx.post(f"{gw.base_url}/chat/completions", json=_body(1), headers=AUTH).status_code == 200
         gw.call(proxy.stop())
         for i in range(2, 5):
             r = httpx.post(f"{gw.base_url}/chat/completions", json=_body(i), headers=AUTH, timeout=20)
             assert r.status_code == 200, r.text
-        wait_for(lambda: ready() == 503, what="readiness to report the state store")
-        assert not httpx.get(f"{gw.url}/health/ready").json()["checks"]["state"]["ok"]
+        # still served, so still ready (200): the outage is said in the body and the gauge
+        wait_for(lambda: ready() == "degraded", what="readiness to report the state store")
+        degraded = httpx.get(f"{gw.url}/health/ready")
+        assert degraded.status_code == 200 and degraded.json()["checks"]["state"] == {"ok": False, "degraded": True}
+        assert gw.services.metrics.registry.get_sample_value("admiral_state_degraded") == 1
         gw.call(proxy.start())
-        wait_for(lambda: ready() == 200, what="ready again")
+        wait_for(lambda: ready() == "ready", what="ready again")
         assert httpx.post(f"{gw.base_url}/chat/completions", json=_body(9), headers=AUTH).status_code == 200
         gw.call(proxy.stop())

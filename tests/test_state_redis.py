@@ -162,13 +162,14 @@ async def test_keys_live_under_the_prefix_and_idle_limits_expire(prefix: str) ->
     store = RedisStateStore(REDIS_URL, prefix)
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
-        await store.acquire_rate("k", 5, 0.5)
-        await store.record_event("e", 0.5)
+        # long enough that a loaded machine still finds them, short enough that they expire idle
+        await store.acquire_rate("k", 5, 50.0)
+        await store.record_event("e", 50.0)
         await store.set("v", b"x")
         keys = sorted([k.decode() async for k in client.scan_iter(match=prefix + "*")])
         assert keys == [prefix + "gcra:k", prefix + "v:v", prefix + "win:e"]
-        assert 0 < await client.pttl(prefix + "gcra:k") <= 100  # one unit of 0.1 s
-        assert 0 < await client.pttl(prefix + "win:e") <= 500
+        assert 0 < await client.pttl(prefix + "gcra:k") <= 10_000  # one unit of 10 s
+        assert 0 < await client.pttl(prefix + "win:e") <= 50_000
         assert await client.pttl(prefix + "v:v") == -1
     finally:
         await client.aclose()
@@ -286,7 +287,8 @@ def test_gateway_readiness_reports_redis_and_its_outage(prefix: str) -> None:
 
     with gateway(_gateway_config(f"redis://127.0.0.1:{free_port()}/0", prefix)) as gw:
         ready = httpx.get(f"{gw.url}/health/ready")
-        assert ready.status_code == 503
+        assert ready.status_code == 200  # requests are served from this replica's memory: stays in rotation
+        assert ready.json()["status"] == "degraded"
         assert ready.json()["checks"]["state"] == {"ok": False, "degraded": True}
         assert gw.services.metrics.registry.get_sample_value("admiral_state_degraded") == 1
         chat = httpx.post(f"{gw.base_url}/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]})

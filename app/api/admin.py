@@ -1,8 +1,11 @@
-"""``/admin/*``: usage stats from the request log and the state of each backend; admin key only."""
+"""``/admin/*``: usage stats from the request log, the state of each backend, the loaded config, the process; admin key only."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import os
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -80,3 +83,34 @@ async def backends(request: Request) -> Response:
             entry.update(await services.backend_status(name))
         report[name] = entry
     return json_response({"backends": report, "window_minutes": 15})
+
+
+@router.get("/config")
+async def config(request: Request) -> Response:
+    """The loaded config (secrets masked): its version, when and from where it was loaded, and the last reload's outcome."""
+    require_admin(request)
+    return json_response(request.app.state.reloader.status())
+
+
+@router.get("/runtime")
+async def runtime(request: Request) -> Response:
+    """This worker's process: resident memory, open file descriptors, asyncio tasks, threads (what a long run watches)."""
+    require_admin(request)
+    tasks = len(asyncio.all_tasks())
+    rss, fds = await asyncio.to_thread(_process_figures)
+    return json_response({"pid": os.getpid(), "rss_bytes": rss, "open_fds": fds, "asyncio_tasks": tasks, "threads": threading.active_count()})
+
+
+def _process_figures() -> tuple[int | None, int | None]:
+    """VmRSS and the open descriptors from /proc (None where there is no /proc)."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                    break
+        fds: int | None = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = None
+    return rss, fds

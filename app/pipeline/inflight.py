@@ -65,7 +65,28 @@ class InflightCoordinator(Protocol):
         """Flights in progress."""
         ...
 
+    def share_answers(self, answers: SharedAnswers | None) -> None:
+        """Where a finished flight's answer waits for identical requests that come after it (the response cache)."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+class SharedAnswers(Protocol):
+    """A store every replica reads (the response cache), written before a flight ends and read before one starts.
+
+    Between the end of a flight and the cache's usual write, an identical request on another
+    replica would find neither the flight nor the answer: the leader stores its answer here before
+    it lets the flight go, and a request about to lead a new flight looks here first.
+    """
+
+    async def publish(self, key: str, ctx: RequestContext, body: ChatCompletion) -> None:
+        """Store a leader's complete answer (when its request may be stored) where every replica reads it, now."""
+        ...
+
+    async def lookup(self, key: str, ctx: RequestContext) -> Answer | None:
+        """The stored answer for ``key`` (when its request may read the cache), or None; sets ``ctx`` as a hit does."""
+        ...
 
 
 class Flight:
@@ -223,6 +244,10 @@ class LocalInflight:
 
     def __len__(self) -> int:
         return len(self._flights)
+
+    def share_answers(self, answers: SharedAnswers | None) -> None:
+        # one process: waiters store the answer in the cache's memory before the key is free again (Flight._run)
+        return
 
     async def join(self, key: str, ctx: RequestContext, call: SharedCall) -> Ticket:
         flight = self._flights.get(key)

@@ -33,8 +33,8 @@ import orjson
 from app.errors import GatewayError, UpstreamError
 from app.pipeline.answer import Answer
 from app.pipeline.base import Deployment, RequestContext
-from app.pipeline.inflight import LocalInflight, SharedCall, Ticket
-from app.shapes import ChatCompletionChunk
+from app.pipeline.inflight import LocalInflight, SharedAnswers, SharedCall, Ticket
+from app.shapes import ChatCompletion, ChatCompletionChunk
 from app.state.redis_channels import ChannelError, ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels
 
 log = logging.getLogger("admiral.inflight")
@@ -78,9 +78,13 @@ class RedisInflight:
         self._store = store
         self._ttl = lease_ttl_s
         self._local = LocalInflight()
+        self._answers: SharedAnswers | None = None
 
     def __len__(self) -> int:
         return len(self._local)
+
+    def share_answers(self, answers: SharedAnswers | None) -> None:
+        self._answers = answers
 
     async def aclose(self) -> None:
         await self._local.aclose()
@@ -117,12 +121,32 @@ class RedisInflight:
                     continue
                 if token is not None:
                     _settle(leads, True)
+                    # the flight before this one may have ended just after this request missed the cache
+                    found = await self._stored(channels, key, token, ctx)
+                    if found is not None:
+                        return found
                     return await self._lead(channels, key, token, ctx, call)
                 # else the flight ended between the two calls: the next round leads the next one
             _settle(leads, True)
             return await call(ctx)
         finally:
             _settle(leads, True)
+
+    async def _stored(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext) -> Answer | None:
+        """A leader's answer from the shared store, the lease given back; None (lease kept) when there is none."""
+        if self._answers is None:
+            return None
+        try:
+            found = await self._answers.lookup(key, ctx)
+        except Exception as exc:
+            log.warning("single flight %s: reading the shared answers failed (%s: %s); calling upstream", key[:12], type(exc).__name__, exc)
+            return None
+        if found is not None:
+            try:
+                await channels.release(key, token)
+            except ChannelUnavailable as exc:
+                await self._outage(exc)  # the lease lapses by itself
+        return found
 
     async def _lead(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext, call: SharedCall) -> Answer:
         lease = _Lease(channels, key, token, self._ttl, self._outage)
@@ -131,13 +155,30 @@ class RedisInflight:
             head = {"backend": ctx.backend, "deployment": str(ctx.deployment) if ctx.deployment else None}
             if not answer.is_stream:
                 await lease.send({**head, "body": answer.body})
+                # stored before the lease goes: a request arriving after the end reads it there
+                await self._publish(key, ctx, answer.body)
         except BaseException as exc:
             await lease.close(exc)
             raise
         if not answer.is_stream:
             await lease.close(None)
             return answer
-        return Answer(chunks=_broadcast(head, answer, lease))
+        folded = answer.fold() if self._answers is not None else None
+
+        async def publish() -> None:
+            if folded is not None and folded.finished:
+                await self._publish(key, ctx, folded.result())
+
+        return Answer(chunks=_broadcast(head, answer, lease, publish))
+
+    async def _publish(self, key: str, ctx: RequestContext, body: ChatCompletion) -> None:
+        if self._answers is None:
+            return
+        try:
+            await self._answers.publish(key, ctx, body)
+        except Exception as exc:
+            # the answer still reaches everyone waiting; only a request arriving right after the end may call again
+            log.warning("single flight %s: storing the answer for other replicas failed: %s: %s", key[:12], type(exc).__name__, exc)
 
     async def _follow(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext) -> Answer:
         """The leading replica's answer; raises :class:`ChannelError` while none of it was handed on."""
@@ -209,14 +250,15 @@ class _Lease:
             await self._on_outage(exc)  # the lease lapses by itself: followers then stop waiting
 
 
-async def _broadcast(head: dict[str, Any], chunks: Answer, lease: _Lease) -> AsyncIterator[ChatCompletionChunk]:
-    """The leader's stream, each chunk published before it is handed on."""
+async def _broadcast(head: dict[str, Any], chunks: Answer, lease: _Lease, publish: Callable[[], Awaitable[None]]) -> AsyncIterator[ChatCompletionChunk]:
+    """The leader's stream, each chunk published before it is handed on; the whole answer stored before the lease goes."""
     error: BaseException | None = None
     try:
         await lease.send(head)
         async for chunk in chunks:
             await lease.send(chunk)
             yield chunk
+        await publish()
     except BaseException as exc:
         error = exc
         raise

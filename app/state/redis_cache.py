@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import redis.asyncio as aioredis
 
@@ -47,7 +47,7 @@ class RedisCacheTier:
         self._prefix = prefix + "cache:"
 
     async def get(self, key: str, now: float) -> bytes | None:
-        raw: bytes | None = await self._redis.get(self._prefix + key)
+        raw = cast(bytes | None, await self._redis.get(self._prefix + key))
         if raw is None or _EXPIRES_AT.unpack_from(raw)[0] <= now:
             return None
         return raw[_EXPIRES_AT.size :]
@@ -62,6 +62,12 @@ class RedisCacheTier:
 
     async def sweep(self, now: float) -> int:
         return 0  # Redis expires entries itself
+
+    async def get_shared(self, key: str, now: float) -> bytes | None:
+        return await self.get(key, now)
+
+    async def put_shared(self, entries: Sequence[CacheWrite]) -> None:
+        await self.put(entries)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -106,6 +112,18 @@ class LayeredTier:
 
     async def sweep(self, now: float) -> int:
         return await self._redis.sweep(now) + await self._sql.sweep(now)
+
+    async def get_shared(self, key: str, now: float) -> bytes | None:
+        if self._state.degraded:
+            return None
+        try:
+            return await self._redis.get(key, now)
+        except Exception as exc:
+            await self._redis_failed(exc)
+            return None
+
+    async def put_shared(self, entries: Sequence[CacheWrite]) -> None:
+        await self._put_redis(entries)
 
     async def aclose(self) -> None:
         try:

@@ -9,14 +9,13 @@ Redis is away.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from sqlalchemy import Insert, Table, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.storage.db import BulkInsert
+from app.storage.db import BulkInsert, writing
 from app.storage.key_filter import StoredKeys
 from app.storage.models import CacheEntry
 from app.storage.sqlite_reader import SqliteReader
@@ -26,11 +25,11 @@ _TABLE = cast(Table, CacheEntry.__table__)
 _EVICT_BATCH = 500
 #: one entry by key, unless expired; built once (the SQLite reader runs its compiled text)
 _READ = select(_TABLE.c.body, _TABLE.c.expires_at).where(_TABLE.c.key == bindparam("key"), _TABLE.c.expires_at > bindparam("now"))
+_TOTAL = select(func.coalesce(func.sum(_TABLE.c.size), 0))
 
 
-@dataclass(frozen=True, slots=True)
-class CacheWrite:
-    """One entry to insert or replace."""
+class CacheWrite(NamedTuple):
+    """One entry to insert or replace (a tuple: pending writes are not the garbage collector's work)."""
 
     key: str
     namespace: str
@@ -58,6 +57,14 @@ class CacheTier(Protocol):
 
     async def sweep(self, now: float) -> int:
         """Delete expired entries, then the soonest-expiring ones while over the size limit; return how many went."""
+        ...
+
+    async def get_shared(self, key: str, now: float) -> bytes | None:
+        """As ``get``, from the part every replica reads at once (Redis), or None where there is none."""
+        ...
+
+    async def put_shared(self, entries: Sequence[CacheWrite]) -> None:
+        """Write ``entries`` to the part every replica reads, now (``put`` still follows); nothing where there is none."""
         ...
 
     async def aclose(self) -> None: ...
@@ -91,6 +98,7 @@ class SqlCacheTier:
         read = _READ.compile(dialect=engine.dialect)
         assert read.positiontup in (None, ["key", "now"]), "the reader passes (key, now) in that order"
         self._read_sql = str(read)
+        self._total_sql = str(_TOTAL.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
         # built once: making the statement costs more than running it on a small batch
         self._upsert = _upsert(self._dialect)
         # SQLite: batches skip SQLAlchemy's per-value processing, which would run on the event loop
@@ -118,7 +126,7 @@ class SqlCacheTier:
         rows: list[dict[str, Any]] = [
             {"key": e.key, "namespace": e.namespace[:128], "body": e.body, "size": len(e.body), "created_at": e.created_at, "expires_at": e.expires_at} for e in entries
         ]
-        async with self._engine.begin() as conn:
+        async with writing(self._engine) as conn:
             if self._bulk is not None:
                 await self._bulk.execute(conn, rows)
             elif self._upsert is not None:
@@ -130,11 +138,13 @@ class SqlCacheTier:
             self._stored.add(e.key for e in entries)
 
     async def sweep(self, now: float) -> int:
-        async with self._engine.begin() as conn:
+        # each step its own short transaction: the size total is a scan of the whole table, and
+        # the write lock is the request log's too (SQLite has one per file)
+        async with writing(self._engine) as conn:
             removed = (await conn.execute(delete(_TABLE).where(_TABLE.c.expires_at <= now))).rowcount or 0
-            total = int((await conn.execute(select(func.coalesce(func.sum(_TABLE.c.size), 0)))).scalar_one())
-            excess = total - self._max_total_bytes
-            while excess > 0:
+        excess = await self._total_bytes() - self._max_total_bytes
+        while excess > 0:
+            async with writing(self._engine) as conn:
                 # every entry has the same TTL, so the soonest to expire is the oldest (and indexed)
                 batch = (await conn.execute(select(_TABLE.c.key, _TABLE.c.size).order_by(_TABLE.c.expires_at).limit(_EVICT_BATCH))).all()
                 if not batch:
@@ -146,10 +156,23 @@ class SqlCacheTier:
                     if excess <= 0:
                         break
                 await conn.execute(delete(_TABLE).where(_TABLE.c.key.in_(victims)))
-                removed += len(victims)
+            removed += len(victims)
         if removed and self._stored is not None:
             await self._stored.rebuild()  # forget the deleted keys
         return removed
+
+    async def get_shared(self, key: str, now: float) -> bytes | None:
+        return None  # the table is shared, but written in batches: what it holds is read by ``get``
+
+    async def put_shared(self, entries: Sequence[CacheWrite]) -> None:
+        return
+
+    async def _total_bytes(self) -> int:
+        """The entries' total size, read outside any write transaction (on SQLite by the reader's connection)."""
+        if self._reader is not None:
+            return int(await self._reader.call(lambda conn: conn.execute(self._total_sql).fetchone()[0]))
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(_TOTAL)).scalar_one())
 
     async def aclose(self) -> None:
         # the engine belongs to Services, which disposes of it; the reader is ours

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Insert, event
 from sqlalchemy.engine import Dialect
@@ -30,6 +33,30 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_recycle=1800)
+
+
+#: SQLite: the one-writer-at-a-time lock of each engine (made on first use, on the engine's loop)
+_WRITERS: WeakKeyDictionary[AsyncEngine, asyncio.Lock] = WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def writing(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A write transaction; on SQLite the process's writers (request log, cache) take turns.
+
+    SQLite has one write lock per file. Two pooled connections writing at once make one of them
+    wait inside SQLite's busy handler, on a thread, for as long as the other's transaction lasts,
+    and give up with "database is locked" after ``busy_timeout``; here they queue on the loop
+    instead, and SQLite's lock is only ever contended by other processes (``--workers``).
+    """
+    if engine.dialect.name != "sqlite":
+        async with engine.begin() as conn:
+            yield conn
+        return
+    lock = _WRITERS.get(engine)
+    if lock is None:
+        lock = _WRITERS[engine] = asyncio.Lock()
+    async with lock, engine.begin() as conn:
+        yield conn
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[Any]:

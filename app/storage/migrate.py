@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
+
+# Alembic announces each of its autogenerate plugins at INFO when it is imported: seven lines of
+# noise at the top of every start. Its migration lines ("Running upgrade ...") stay.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 from alembic import command
 from alembic.config import Config

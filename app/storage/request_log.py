@@ -16,7 +16,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.metrics import Metrics
-from app.storage.db import BulkInsert
+from app.storage.db import BulkInsert, writing
 from app.storage.models import RequestLog
 
 log = logging.getLogger("admiral.request_log")
@@ -192,7 +192,7 @@ class RequestLogWriter:
         return True
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
-        async with self._engine.begin() as conn:
+        async with writing(self._engine) as conn:
             if self._bulk is not None:
                 await self._bulk.execute(conn, rows)
             else:
@@ -227,7 +227,7 @@ class RequestLogWriter:
         total = 0
         while True:
             ids = select(TABLE.c.id).where(TABLE.c.ts < cutoff).limit(chunk).scalar_subquery()
-            async with self._engine.begin() as conn:
+            async with writing(self._engine) as conn:
                 result = await conn.execute(delete(TABLE).where(TABLE.c.id.in_(ids)))
             total += result.rowcount or 0
             if (result.rowcount or 0) < chunk:

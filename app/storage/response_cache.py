@@ -14,13 +14,13 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import orjson
 
 from app.clock import Clock
 from app.config import CacheConfig
+from app.shapes import Usage
 from app.storage.cache_tiers import CacheTier, CacheWrite
 
 log = logging.getLogger("admiral.cache")
@@ -45,20 +45,31 @@ def _compact(data: bytes) -> bytes:
     return memoryview(data).tobytes()
 
 
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
-    """A complete ``chat.completion``, kept as the JSON a hit sends, and the backend that produced it."""
+class CachedAnswer(NamedTuple):
+    """A complete ``chat.completion``, kept as the JSON a hit sends, and the backend that produced it.
+
+    A tuple of bytes, strings and a float, so the garbage collector stops tracking it after its
+    first pass: the memory tier holds tens of thousands of them for an hour, and a full collection
+    that walked each one would stop the event loop for a time growing with the cache (the usage is
+    kept encoded for the same reason: a nested usage dict is a tracked object).
+    """
 
     #: the body, encoded once when stored: a hit sends these bytes as they are
     payload: bytes
-    usage: dict[str, Any] | None
+    usage_json: bytes | None
     backend: str
     deployment: str | None
     expires_at: float
 
     @classmethod
     def of(cls, body: dict[str, Any], backend: str, deployment: str | None, expires_at: float) -> CachedAnswer:
-        return cls(_compact(orjson.dumps(body)), body.get("usage"), backend, deployment, expires_at)
+        usage = body.get("usage")
+        return cls(_compact(orjson.dumps(body)), _compact(orjson.dumps(usage)) if usage is not None else None, backend, deployment, expires_at)
+
+    @property
+    def usage(self) -> Usage | None:
+        """The answer's usage (a new dict on every use), or None."""
+        return cast(Usage, orjson.loads(self.usage_json)) if self.usage_json is not None else None
 
     @property
     def body(self) -> dict[str, Any]:
@@ -90,8 +101,13 @@ def _live(raw: bytes, now: float) -> CachedAnswer | None:
 ENTRY_OVERHEAD_BYTES = 600
 
 
-def _size(answer: CachedAnswer) -> int:
-    return len(answer.payload) + ENTRY_OVERHEAD_BYTES
+#: a memory entry: a CachedAnswer's fields in a plain tuple (the garbage collector untracks exact
+#: tuples of untracked values, not tuple subclasses)
+_Entry = tuple[bytes, bytes | None, str, str | None, float]
+
+
+def _size(entry: _Entry | CachedAnswer) -> int:
+    return len(entry[0]) + ENTRY_OVERHEAD_BYTES
 
 
 class MemoryLRU:
@@ -100,38 +116,38 @@ class MemoryLRU:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[str, CachedAnswer] = OrderedDict()
+        self._items: OrderedDict[str, _Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def get(self, key: str, now: float) -> CachedAnswer | None:
-        answer = self._items.get(key)
-        if answer is None:
+        entry = self._items.get(key)
+        if entry is None:
             return None
-        if answer.expires_at <= now:
+        if entry[4] <= now:  # expires_at
             self.discard(key)
             return None
         self._items.move_to_end(key)
-        return answer
+        return tuple.__new__(CachedAnswer, entry)
 
     def put(self, key: str, answer: CachedAnswer) -> None:
         self.discard(key)
         if _size(answer) > self.max_bytes:
             return
-        self._items[key] = answer
+        self._items[key] = (answer.payload, answer.usage_json, answer.backend, answer.deployment, answer.expires_at)
         self.bytes += _size(answer)
         while self.bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
             self.bytes -= _size(old)
 
     def discard(self, key: str) -> None:
-        answer = self._items.pop(key, None)
-        if answer is not None:
-            self.bytes -= _size(answer)
+        entry = self._items.pop(key, None)
+        if entry is not None:
+            self.bytes -= _size(entry)
 
     def sweep(self, now: float) -> int:
-        expired = [k for k, answer in self._items.items() if answer.expires_at <= now]
+        expired = [k for k, entry in self._items.items() if entry[4] <= now]
         for key in expired:
             self.discard(key)
         return len(expired)
@@ -200,6 +216,9 @@ class ResponseCache:
         """Store a complete answer: in memory now, persistently soon. None when it is too big."""
         now = self.clock.now()
         answer = CachedAnswer.of(body, backend, deployment, now + self.ttl_s)
+        held = self.memory.get(key, now)
+        if held is not None and held.payload == answer.payload and held.backend == backend:
+            return held  # stored already (a flight's leader publishes before the cache layer stores)
         data = answer.encode()
         if len(data) > self.max_entry_bytes:
             return None
@@ -215,6 +234,29 @@ class ResponseCache:
         self._pending_bytes += len(data)
         self._wake.set()
         return answer
+
+    async def publish(self, key: str, namespace: str, body: dict[str, Any], backend: str, deployment: str | None) -> None:
+        """Store an answer as :meth:`put` does, and in the tier's shared part (what every replica reads) now."""
+        self.put(key, namespace, body, backend, deployment)
+        entry = self._pending.get(key)
+        if entry is None:
+            return  # too big to store, or already stored with this payload
+        try:
+            await self.tier.put_shared([entry])
+        except Exception as exc:
+            self._warn("shared cache write failed; the entry is written with the next batch", exc)
+
+    async def get_shared(self, key: str) -> CachedAnswer | None:
+        """The answer for ``key`` from memory or the tier's shared part (no slower read: the caller is on the request path)."""
+        now = self.clock.now()
+        answer = self.memory.get(key, now)
+        if answer is not None:
+            return answer
+        pending = self._pending.get(key)
+        if pending is not None:
+            return _live(pending.body, now)
+        raw = await self.tier.get_shared(key, now)
+        return _live(raw, now) if raw is not None else None
 
     async def flush(self) -> None:
         """Write everything pending to the persistent tier now."""
