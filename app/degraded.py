@@ -35,7 +35,7 @@ class HitRateWatch:
         return cls(events, config.degraded_hit_rate, config.degraded_window_s, config.degraded_min_requests)
 
     def observe(self, cache_status: str) -> None:
-        if cache_status not in ("hit", "miss"):
+        if cache_status not in ("hit", "semantic-hit", "miss"):
             return
         now = self._clock()
         number = int(now // self._bucket_s)
@@ -46,7 +46,7 @@ class HitRateWatch:
             self._lookups -= lookups
         if not buckets or buckets[-1][0] != number:
             buckets.append([number, 0, 0])
-        hit = cache_status == "hit"
+        hit = cache_status != "miss"
         buckets[-1][1] += hit
         buckets[-1][2] += 1
         self._hits += hit

@@ -11,7 +11,7 @@ from app.metrics import Metrics
 log = logging.getLogger("admiral.events")
 
 EVENT_NAMES = frozenset(
-    {"optimizer.degraded", "optimizer.rate_limit", "optimizer.backend_down", "optimizer.backend_up", "optimizer.all_backends_down"}
+    {"optimizer.degraded", "optimizer.rate_limit", "optimizer.backend_down", "optimizer.backend_up", "optimizer.all_backends_down", "optimizer.budget_low"}
 )
 
 

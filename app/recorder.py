@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -13,6 +14,7 @@ from app.shapes import Usage
 
 if TYPE_CHECKING:
     from app.degraded import HitRateWatch
+    from app.prices import Prices
 
 
 class LogSink(Protocol):
@@ -35,18 +37,28 @@ class RequestRecorder:
         self.log_content = log_content
         #: watches the cache hit rate for ``optimizer.degraded`` (set by Services)
         self.hit_rate_watch: HitRateWatch | None = None
+        #: prices for the savings report (set by Services)
+        self.prices: Prices | None = None
+        self._avoided_calls = Children(metrics.calls_avoided)
+        self._avoided_tokens = Children(metrics.tokens_avoided)
+        self._spend = Children(metrics.spend_usd)
+        self._saved = Children(metrics.saved_usd)
+        #: called first at each request's end, with finish's arguments (tracing, the JSON request log line)
+        self.observers: list[Callable[[ModelRequest | None, RequestContext, int, str | None, Usage | None], None]] = []
 
     def start(self) -> None:
         self._metrics.inflight.inc()
 
     def finish(self, request: ModelRequest | None, ctx: RequestContext, status: int, content: str | None = None, usage: Usage | None = None) -> None:
         """Count and log the request; ``usage`` is what its answer reported (tokens count only when paid upstream)."""
+        for observe in self.observers:
+            observe(request, ctx, status, content, usage)
         m = self._metrics
         m.inflight.dec()
         elapsed = time.perf_counter() - ctx.started
         backend = ctx.backend or "none"
-        self._requests(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status).inc()
-        m.request_duration.observe(elapsed)
+        self._requests(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status, ctx.endpoint).inc()
+        m.request_duration.observe(elapsed, {"trace_id": ctx.trace_id} if ctx.trace_id else None)  # an exemplar when traced
         if ctx.upstream_seconds:
             self._upstream_duration(backend).observe(ctx.upstream_seconds)
         if ctx.ttft_seconds is not None:
@@ -59,6 +71,9 @@ class RequestRecorder:
                 self._tokens(ctx.agent, backend, "prompt").inc(prompt_tokens)
             if completion_tokens:
                 self._tokens(ctx.agent, backend, "completion").inc(completion_tokens)
+        price_usd = reference_usd = 0.0
+        if status < 400 and (prompt_tokens or completion_tokens):
+            price_usd, reference_usd = self._savings(ctx, prompt_tokens, completion_tokens)
         if self.hit_rate_watch is not None:
             self.hit_rate_watch.observe(ctx.cache_status)
         if self.log_sink is None:
@@ -88,8 +103,32 @@ class RequestRecorder:
             "completion": None,
             "endpoint": ctx.endpoint,
             "trace_id": ctx.trace_id,
+            "route_by": ctx.route_by,
+            "route_score": ctx.route_score,
+            "price_usd": price_usd,
+            "reference_usd": reference_usd,
+            "usage_estimated": bool(usage and usage.get("estimated")),
         }
         if self.log_content and request is not None:
             row["prompt"] = request.prompt_text()
             row["completion"] = content
         self.log_sink.submit(row)
+
+    def _savings(self, ctx: RequestContext, prompt_tokens: int, completion_tokens: int) -> tuple[float, float]:
+        """Count what an answered request cost or saved; (at price, at reference price) for its row."""
+        paid = ctx.paid_upstream
+        if not paid:
+            via = "dedupe" if ctx.dedupe_role == "follower" else ("semantic" if ctx.cache_status == "semantic-hit" else "cache")
+            self._avoided_calls(ctx.agent, via).inc()
+            self._avoided_tokens(ctx.agent, via).inc(prompt_tokens + completion_tokens)
+        if self.prices is None or not self.prices.any:
+            return 0.0, 0.0
+        price, reference = self.prices.cost(ctx.deployment, ctx.route, prompt_tokens, completion_tokens)
+        if paid:
+            if price:
+                self._spend(ctx.agent).inc(price)
+        elif price:
+            self._saved(ctx.agent, "price").inc(price)
+        if reference - (price if paid else 0.0) > 0:
+            self._saved(ctx.agent, "reference").inc(reference - (price if paid else 0.0))
+        return price, reference

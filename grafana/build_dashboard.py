@@ -17,6 +17,8 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # Selectors reused by the panels; only metrics that carry the label get the filter.
 AGENT_BACKEND = 'agent=~"$agent",backend=~"$backend"'
+AGENT = 'agent=~"$agent"'
+BASIS_REFERENCE = ',basis="reference"'
 BACKEND = 'backend=~"$backend"'
 RATE = "[$__rate_interval]"
 
@@ -175,7 +177,7 @@ def sections() -> dict[str, list[Panel]]:
                 size=(6, 5),
                 unit="reqps",
                 steps=[(None, "blue")],
-                description="Chat completion requests per second, all outcomes.",
+                description="Model requests per second (every endpoint), all outcomes.",
             ),
             stat(
                 "Cache hit ratio",
@@ -200,6 +202,38 @@ def sections() -> dict[str, list[Panel]]:
                 unit="percentunit",
                 steps=[(None, "green"), (0.01, "yellow"), (0.05, "red")],
                 description="Share of requests answered with a 5xx status. AdmiralHighErrorRate fires above 5%.",
+            ),
+            stat(
+                "Calls avoided",
+                f"sum(increase({series('admiral_calls_avoided_total', AGENT)}[$__range])) or vector(0)",
+                size=(6, 5),
+                unit="short",
+                steps=[(None, "green")],
+                description="Upstream calls the cache (exact and semantic) and dedupe saved in the selected time range.",
+            ),
+            stat(
+                "Tokens avoided",
+                f"sum(increase({series('admiral_tokens_avoided_total', AGENT)}[$__range])) or vector(0)",
+                size=(6, 5),
+                unit="short",
+                steps=[(None, "green")],
+                description="Tokens not spent upstream because the cache or a leader answered, in the selected time range.",
+            ),
+            stat(
+                "Spent",
+                f"sum(increase({series('admiral_spend_usd_total', AGENT)}[$__range])) or vector(0)",
+                size=(6, 5),
+                unit="currencyUSD",
+                steps=[(None, "blue")],
+                description="Money spent upstream at the deployments' prices (models.*.price; free tiers cost 0).",
+            ),
+            stat(
+                "Saved vs reference",
+                f"sum(increase({series('admiral_saved_usd_total', AGENT + BASIS_REFERENCE)}[$__range])) or vector(0)",
+                size=(6, 5),
+                unit="currencyUSD",
+                steps=[(None, "green")],
+                description="What the same answers would have cost at the reference price (models.*.reference_price), minus what was spent.",
             ),
             timeseries(
                 "Tokens rate by direction",
@@ -268,9 +302,17 @@ def sections() -> dict[str, list[Panel]]:
                 stack=True,
             ),
             timeseries(
+                "Requests by endpoint",
+                [target(sum_rate("admiral_requests_total", AGENT_BACKEND, "endpoint"), "{{endpoint}}")],
+                size=(12, 8),
+                unit="reqps",
+                stack=True,
+                description="Requests per second by the endpoint called: chat, completions, embeddings, responses, messages.",
+            ),
+            timeseries(
                 "Time to first token",
                 quantiles("admiral_time_to_first_token_seconds", (0.5, 0.95), selector=BACKEND),
-                size=(24, 8),
+                size=(12, 8),
                 unit="s",
                 description="Streaming requests only.",
             ),
@@ -307,7 +349,8 @@ def sections() -> dict[str, list[Panel]]:
             ),
             timeseries(
                 "Request duration",
-                quantiles("admiral_request_duration_seconds", (0.5, 0.95, 0.99)),
+                # exemplars: each dot is one traced request; click it for its trace in Jaeger
+                [{**t, "exemplar": True} for t in quantiles("admiral_request_duration_seconds", (0.5, 0.95, 0.99))],
                 size=(12, 8),
                 unit="s",
             ),

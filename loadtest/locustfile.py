@@ -378,6 +378,20 @@ def _hit_rate(fleet: Fleet, stats: dict[str, Any]) -> tuple[float, str]:
     return float(stats["cache_hit_rate"]), "the whole window, earlier traffic included"
 
 
+def savings_lines(savings: Any) -> list[str]:
+    """The savings section of /admin/stats (whole window), as report lines."""
+    total = savings.get("total") if isinstance(savings, dict) else None
+    if not isinstance(total, dict):
+        return []
+    avoided = total.get("calls_avoided") or {}
+    return [
+        f"savings (whole window): calls avoided {sum(avoided.values())} (cache {avoided.get('cache', 0)}, semantic {avoided.get('semantic', 0)}, "
+        f"dedupe {avoided.get('dedupe', 0)}), tokens avoided {total.get('tokens_avoided', 0)}",
+        f"money: spent ${total.get('spent_usd', 0):.4f}, saved ${total.get('saved_usd', 0):.4f} at the deployments' prices, "
+        f"${total.get('saved_vs_reference_usd', 0):.4f} against the reference price",
+    ]
+
+
 def _chat_summary(environment: Environment) -> StatsEntry:
     total = StatsEntry(environment.stats, "chat (all)", "")
     for entry in environment.stats.entries.values():
@@ -439,6 +453,7 @@ def judge(environment: Environment) -> Verdict:
                 f"served without an upstream call (cache hits + dedupe savings, whole window): "
                 f"{saved:.0f} of {stats['total_requests']} ({saved / stats['total_requests']:.1%})"
             )
+        lines.extend(savings_lines(stats.get("savings")))
         if opts.min_hit_rate > 0 and rate <= opts.min_hit_rate:
             code, reasons = code or 2, [*reasons, f"cache hit rate {rate:.1%} is not above {opts.min_hit_rate:.0%}"]
     lines.append("PASS" if code == 0 else f"FAIL (exit {code}): " + "; ".join(reasons))

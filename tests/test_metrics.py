@@ -185,7 +185,7 @@ def test_alert_rules_pass_promtool() -> None:
     promtool = _need("promtool")
     r = subprocess.run([promtool, "check", "rules", str(ROOT / "prometheus" / "alerts.yml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 6 rules found" in r.stdout + r.stderr
+    assert "SUCCESS: 7 rules found" in r.stdout + r.stderr
     r = subprocess.run([promtool, "check", "config", str(ROOT / "prometheus" / "prometheus.yml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

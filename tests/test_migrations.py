@@ -24,7 +24,7 @@ from tests.serve import NewDatabase, cli_command
 from tests.support import gateway
 
 AGENT_KEY = "sk-agent-migrate-0001"
-TABLES = {"alembic_version", "cache_entries", "request_log", "stored_responses"}
+TABLES = {"alembic_version", "cache_entries", "request_log", "stored_responses", "semantic_entries"}
 
 
 def migrate_cli(url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

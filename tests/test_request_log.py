@@ -53,6 +53,11 @@ def row(**overrides: Any) -> dict[str, Any]:
         "completion": None,
         "endpoint": "chat",
         "trace_id": None,
+        "route_by": None,
+        "route_score": None,
+        "price_usd": 0.0,
+        "reference_usd": 0.0,
+        "usage_estimated": False,
     }
     return base | overrides
 

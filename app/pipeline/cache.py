@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from app.metrics import Metrics
@@ -11,7 +12,7 @@ from app.pipeline.cache_key import ensure_cache_key
 from app.storage.response_cache import CachedAnswer, ResponseCache
 
 
-def is_complete(body: dict[str, Any]) -> bool:
+def is_complete(body: Mapping[str, Any]) -> bool:
     """A whole answer: at least one choice, and every choice says why it ended."""
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
@@ -50,7 +51,9 @@ class CacheLayer:
         else:
             ctx.cache_status = "bypass"
         answer = await self._next(request, ctx)
-        if not ctx.cache_write:
+        if not ctx.cache_write or ctx.cache_status == "semantic-hit":
+            # a semantic hit is stored already, under the request it answered: kept under this
+            # request's exact key too, it would answer a caller that has the semantic cache off
             return answer
         if not answer.is_stream:
             if is_complete(answer.body):

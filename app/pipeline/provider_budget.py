@@ -1,4 +1,4 @@
-"""Per-provider budgets (``providers.<name>.rpm/tpm``): a spent provider is skipped, not called."""
+"""Per-provider budgets (``providers.<name>.rpm/tpm/rpd/tpd``): a spent provider is skipped, not called."""
 
 from __future__ import annotations
 
@@ -18,10 +18,20 @@ class ProviderBudgetLayer:
     async def __call__(self, request: ModelRequest, ctx: RequestContext) -> Answer:
         assert ctx.deployment is not None
         provider = ctx.deployment.provider
-        if provider not in self._limiter.limits:
+        limiter = self._limiter
+        estimate = request.estimated_tokens()
+        wait = limiter.announced_wait(provider, estimate)
+        if wait > 0:
+            # the provider said it has no room left: skipped before it answers 429
+            raise BackendRateLimitedError(f"{provider} announced its limit reached, resets in {wait:.1f} s", backend=provider, retry_after=wait)
+        if provider not in limiter.limits:
             return await self._next(request, ctx)
-        reservation = await self._limiter.reserve(provider, request.estimated_tokens())
+        reservation = await limiter.reserve(provider, estimate)
         if reservation.wait_s > 0:
+            if reservation.refused_by in ("rpd", "tpd"):
+                # out for hours, not seconds: when no deployment is left the client gets a 503
+                message = f"{provider} daily budget spent ({reservation.refused_by}), starts over in {reservation.wait_s:.0f} s"
+                raise BackendUnavailableError(message, backend=provider, retry_after=reservation.wait_s)
             raise BackendRateLimitedError(f"{provider} budget spent, frees up in {reservation.wait_s:.1f} s", backend=provider, retry_after=reservation.wait_s)
         try:
             answer = await self._next(request, ctx)

@@ -9,14 +9,17 @@ Read API for ``GET /admin/backends`` (and tests), all on ``services.resilience``
        "last_error": "cerebras answered 500: ..." | None, "last_error_at": <unix time> | None,
        "latency_s": 0.42 | None,
        "budget": {"rpm": 30, "rpm_used": 3.0, "tpm": 60000, "tpm_used": 812.0,
-                  "refused_total": 0, "retry_after_s": 0.0} | None,
+                  "refused_total": 0, "retry_after_s": 0.0, "rpd": 14400, "rpd_used": 120,
+                  "tpd": None, "tpd_used": 0, "day_resets_in_s": 36000.0} | None,
        "load": {"in_flight": 1, "waiting": 0, "max_concurrency": 256} | None}
 
 - ``await resilience.provider_status(provider)`` → the same per provider, as ``/admin/backends``
   lists them (``services.backend_status`` points here)::
 
       {"circuit": <worst of its deployments>, "deployments": [<rows as above>],
-       "budget": {...} (when the provider has rpm/tpm), "load": {...}}
+       "budget": {...} (when the provider has rpm/tpm/rpd/tpd; the daily counts read afresh
+       from the shared store), "announced": [{"unit": "requests", "window": "day", "limit": 14400,
+       "remaining": 14000, "resets_in_s": 3600.0}, ...] (what its headers said), "load": {...}}
 
 - the parts themselves: ``breaker`` (:class:`CircuitBreaker`: ``status``, ``known_state``,
   ``any_usable``), ``agent_limits`` / ``provider_budgets`` (:class:`RateLimiter`: ``limits``,
@@ -79,9 +82,13 @@ class Resilience:
         rows = [await self._row(d) for d in self.breaker.deployments if d.provider == provider]
         worst = max((_RANK[r["circuit"]] for r in rows), default=0)
         detail: dict[str, Any] = {"circuit": _NAMES[worst], "deployments": rows}
+        await self.provider_budgets.refresh(provider)
         budget = self.provider_budgets.usage(provider)
         if budget is not None:
             detail["budget"] = asdict(budget)
+        announced = self.provider_budgets.announced(provider)
+        if announced:
+            detail["announced"] = announced
         load = self.slots.load(provider)
         if load is not None:
             detail["load"] = asdict(load)

@@ -28,6 +28,21 @@ class StateStore(Protocol):
         """Settle an earlier admission: take ``delta`` more units, or give back when negative."""
         ...
 
+    async def take_quota(self, key: str, limit: int, cost: int, ttl_s: float) -> tuple[bool, int]:
+        """A fixed-window quota (a day's requests or tokens): take ``cost`` units if the ``limit``
+        allows it. Returns (taken, units used after the call); the window's count expires after
+        ``ttl_s`` (keys name their window, so a new window starts from zero)."""
+        ...
+
+    async def give_quota(self, key: str, delta: int, ttl_s: float) -> int:
+        """Settle a quota: take ``delta`` more units, or give back when negative (never below zero,
+        never refused). Returns the units used after the call."""
+        ...
+
+    async def quota_used(self, key: str) -> int:
+        """The units a quota window has used so far."""
+        ...
+
     async def record_event(self, key: str, window_s: float) -> int:
         """Record one event now; return how many happened in the last ``window_s``."""
         ...

@@ -36,6 +36,26 @@ class MemoryStateStore:
         tat = max(self._tat.get(key, now), now)
         self._tat[key] = max(now, tat + delta * (period_s / limit))
 
+    def _quota(self, key: str) -> int:
+        value = self._live("quota:" + key)
+        return int(value) if value is not None else 0
+
+    async def take_quota(self, key: str, limit: int, cost: int, ttl_s: float) -> tuple[bool, int]:
+        used = self._quota(key)
+        if used + cost > limit:
+            return False, used
+        used += cost
+        self._values["quota:" + key] = (str(used).encode(), self._clock() + ttl_s)
+        return True, used
+
+    async def give_quota(self, key: str, delta: int, ttl_s: float) -> int:
+        used = max(0, self._quota(key) + delta)
+        self._values["quota:" + key] = (str(used).encode(), self._clock() + ttl_s)
+        return used
+
+    async def quota_used(self, key: str) -> int:
+        return self._quota(key)
+
     async def record_event(self, key: str, window_s: float) -> int:
         now = self._clock()
         events = self._events.setdefault(key, deque())

@@ -2,8 +2,8 @@
 
 Every operation is one atomic command or Lua script, and every clock reading is Redis ``TIME``,
 so replicas agree on limits without trusting each other's clocks. Keys live under the configured
-prefix: ``{prefix}v:{key}`` values, ``{prefix}gcra:{key}`` rate limits, ``{prefix}win:{key}``
-event windows (and ``lock:`` / ``flight:`` for :mod:`app.state.redis_channels`).
+prefix: ``{prefix}v:{key}`` values, ``{prefix}gcra:{key}`` rate limits, ``{prefix}quota:{key}``
+daily quotas, ``{prefix}win:{key}`` event windows (and ``lock:`` / ``flight:`` for :mod:`app.state.redis_channels`).
 
 Outage handling: a connection error or timeout on any call switches the store to a fresh
 :class:`~app.state.memory.MemoryStateStore` — that call and the following ones are answered
@@ -96,6 +96,24 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
+# Fixed-window quota: the key counts the window's units and expires with it.
+_TAKE = """
+local limit, cost = tonumber(ARGV[1]), tonumber(ARGV[2])
+local used = tonumber(redis.call('GET', KEYS[1])) or 0
+if used + cost > limit then return {0, used} end
+used = redis.call('INCRBY', KEYS[1], cost)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, used}
+"""
+
+_GIVE = """
+local used = (tonumber(redis.call('GET', KEYS[1])) or 0) + tonumber(ARGV[1])
+if used < 0 then used = 0 end
+redis.call('SET', KEYS[1], used, 'PX', ARGV[2])
+return used
+"""
+
+
 def describe_url(url: str) -> str:
     """``redis://host:port/db`` without credentials, for logs."""
     parts = urlsplit(url)
@@ -140,6 +158,8 @@ class RedisStateStore:
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._adjust = self._redis.register_script(_ADJUST)
         self._record = self._redis.register_script(_RECORD)
+        self._take = self._redis.register_script(_TAKE)
+        self._give = self._redis.register_script(_GIVE)
         # None while Redis answers; the in-process stand-in during an outage
         self._fallback: MemoryStateStore | None = None
         self._outage_started = 0.0
@@ -182,6 +202,26 @@ class RedisStateStore:
             await self._adjust(keys=[self._prefix + "gcra:" + key], args=[limit, period_s, delta])
 
         await self._call(remote, lambda m: m.adjust_rate(key, limit, period_s, delta))
+
+    async def take_quota(self, key: str, limit: int, cost: int, ttl_s: float) -> tuple[bool, int]:
+        async def remote() -> tuple[bool, int]:
+            taken, used = await self._take(keys=[self._prefix + "quota:" + key], args=[limit, cost, _ms(ttl_s)])
+            return bool(taken), int(used)
+
+        return await self._call(remote, lambda m: m.take_quota(key, limit, cost, ttl_s))
+
+    async def give_quota(self, key: str, delta: int, ttl_s: float) -> int:
+        async def remote() -> int:
+            return int(await self._give(keys=[self._prefix + "quota:" + key], args=[delta, _ms(ttl_s)]))
+
+        return await self._call(remote, lambda m: m.give_quota(key, delta, ttl_s))
+
+    async def quota_used(self, key: str) -> int:
+        async def remote() -> int:
+            value = await self._redis.get(self._prefix + "quota:" + key)
+            return int(value) if value is not None else 0
+
+        return await self._call(remote, lambda m: m.quota_used(key))
 
     async def record_event(self, key: str, window_s: float) -> int:
         async def remote() -> int:

@@ -13,11 +13,15 @@ from app.storage.models import RequestLog
 T = RequestLog.__table__.c
 
 HIT = T.cache == "hit"
+SEMANTIC_HIT = T.cache == "semantic-hit"
 MISS = T.cache == "miss"
 FOLLOWER = T.dedupe == "follower"
 #: answered by a call this request itself made upstream (not the cache, not a coalesced leader's)
-UPSTREAM_CALL = and_(T.backend.is_not(None), not_(HIT), or_(T.dedupe.is_(None), not_(FOLLOWER)))
+UPSTREAM_CALL = and_(T.backend.is_not(None), not_(HIT), not_(SEMANTIC_HIT), or_(T.dedupe.is_(None), not_(FOLLOWER)))
 OK = T.status < 400
+#: answered without an upstream call of its own: the cache (exact or semantic) or a leader
+AVOIDED = and_(OK, or_(HIT, SEMANTIC_HIT, FOLLOWER))
+PAID = and_(OK, UPSTREAM_CALL)
 
 
 def _count(cond: ColumnElement[bool]) -> Any:
@@ -72,6 +76,27 @@ async def request_stats(engine: AsyncEngine, hours: int, now: datetime | None = 
             .order_by(T.agent)
         )
         errors = await conn.execute(select(T.error_type, T.status, func.count()).where(window, T.status >= 400).group_by(T.error_type, T.status))
+        endpoints = await conn.execute(
+            select(T.endpoint, func.count(), _count(HIT), _count(FOLLOWER), _count(T.status >= 400), _sum_if(UPSTREAM_CALL, T.prompt_tokens), _sum_if(UPSTREAM_CALL, T.completion_tokens))
+            .where(window)
+            .group_by(T.endpoint)
+            .order_by(T.endpoint)
+        )
+        savings = await conn.execute(
+            select(
+                T.agent,
+                _count(and_(OK, HIT)),
+                _count(and_(OK, SEMANTIC_HIT)),
+                _count(and_(OK, FOLLOWER)),
+                _sum_if(AVOIDED, T.prompt_tokens + T.completion_tokens),
+                _sum_if(PAID, T.price_usd),
+                _sum_if(AVOIDED, T.price_usd),
+                _sum_if(OK, T.reference_usd),
+            )
+            .where(window)
+            .group_by(T.agent)
+            .order_by(T.agent)
+        )
         cache_latency = await _latency(conn, and_(window, HIT, OK))
         upstream_latency = await _latency(conn, and_(window, UPSTREAM_CALL, OK))
         by_error: dict[str, int] = {}
@@ -100,8 +125,38 @@ async def request_stats(engine: AsyncEngine, hours: int, now: datetime | None = 
                 }
                 for agent, n, h, f, e, pt, ct in agents
             },
+            "by_endpoint": {
+                name: {
+                    "requests": int(n),
+                    "cache_hits": int(h),
+                    "dedupe_savings": int(f),
+                    "errors": int(e),
+                    "prompt_tokens": int(pt),
+                    "completion_tokens": int(ct),
+                }
+                for name, n, h, f, e, pt, ct in endpoints
+            },
             "errors": dict(sorted(by_error.items(), key=lambda kv: -kv[1])),
+            "savings": _savings(list(savings)),
         }
+
+
+def _savings(rows: list[Any]) -> dict[str, Any]:
+    """Calls and tokens the cache and dedupe avoided, money spent, and money saved at the
+    deployments' prices and against the reference price; in total and per agent."""
+
+    def one(hits: Any, semantic: Any, followers: Any, tokens: Any, spent: Any, saved: Any, reference: Any) -> dict[str, Any]:
+        return {
+            "calls_avoided": {"cache": int(hits), "semantic": int(semantic), "dedupe": int(followers)},
+            "tokens_avoided": int(tokens),
+            "spent_usd": round(float(spent), 6),
+            "saved_usd": round(float(saved), 6),
+            "reference_usd": round(float(reference), 6),
+            "saved_vs_reference_usd": round(float(reference) - float(spent), 6),
+        }
+
+    totals = [sum(float(row[i]) for row in rows) for i in range(1, 8)]
+    return {"total": one(*totals), "by_agent": {row[0]: one(*row[1:]) for row in rows}}
 
 
 async def backend_recent(engine: AsyncEngine, minutes: int = 15, now: datetime | None = None) -> dict[str, dict[str, Any]]:
