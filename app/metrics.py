@@ -20,13 +20,14 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("admiral_requests", "Chat completion requests answered.", ["agent", "model", "backend", "status", "cache"], registry=r)
+        self.requests = Counter("admiral_requests", "Model requests answered, by endpoint (chat, completions, embeddings, responses, messages).", ["agent", "model", "backend", "status", "cache", "endpoint"], registry=r)
         self.request_duration = Histogram("admiral_request_duration_seconds", "Whole request time as the client saw it.", buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_duration = Histogram("admiral_upstream_duration_seconds", "Time spent in upstream calls.", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("admiral_time_to_first_token_seconds", "Time from the upstream call to its first streamed chunk.", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
         self.overhead = Histogram("admiral_overhead_seconds", "Gateway time excluding the upstream call.", buckets=OVERHEAD_BUCKETS, registry=r)
         self.cache_hits = Counter("admiral_cache_hits", "Answers served from the cache.", registry=r)
         self.cache_misses = Counter("admiral_cache_misses", "Cache lookups that found nothing.", registry=r)
+        self.embedding_cache_items = Counter("admiral_embedding_cache_items", "Embedding inputs looked up in the per-item cache, by result (hit, miss).", ["result"], registry=r)
         self.dedupe_coalesced = Counter("admiral_dedupe_coalesced", "Requests answered by joining an identical in-flight call.", registry=r)
         self.ratelimit_rejections = Counter("admiral_ratelimit_rejections", "Requests refused or deployments skipped by rate limits.", ["scope"], registry=r)
         self.circuit_state = Gauge("admiral_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ["backend"], registry=r, multiprocess_mode="max")
@@ -38,7 +39,19 @@ class Metrics:
         self.events = Counter("admiral_events", "Operational events emitted.", ["event"], registry=r)
         self.log_dropped = Counter("admiral_request_log_dropped", "Request log rows dropped because the queue was full.", registry=r)
         self.webhook_deliveries = Counter("admiral_webhook_deliveries", "Event webhook POSTs by outcome (ok, failed after retries, dropped on a full queue).", ["outcome"], registry=r)
+        self.calls_avoided = Counter("admiral_calls_avoided", "Upstream calls avoided, by agent and how (cache, semantic, dedupe).", ["agent", "via"], registry=r)
+        self.tokens_avoided = Counter("admiral_tokens_avoided", "Tokens not spent upstream because the cache or a leader answered.", ["agent", "via"], registry=r)
+        self.spend_usd = Counter("admiral_spend_usd", "US dollars spent upstream at the deployments' prices.", ["agent"], registry=r)
+        self.saved_usd = Counter(
+            "admiral_saved_usd", "US dollars saved: at the deployments' prices by avoided calls (basis=price), or against the reference price (basis=reference).", ["agent", "basis"], registry=r
+        )
+        self.semantic_lookups = Counter("admiral_semantic_cache_lookups", "Semantic cache lookups after an exact miss, by result (hit, miss).", ["result"], registry=r)
+        self.budget_remaining = Gauge(
+            "admiral_budget_remaining", "Units left in a budget window (rpm, tpm, rpd, tpd) of an agent or provider.", ["scope", "name", "window"], registry=r, multiprocess_mode="mostrecent"
+        )
         self.state_degraded = Gauge("admiral_state_degraded", "1 while the shared state store is unreachable.", registry=r, multiprocess_mode="max")
+        self.spans_dropped = Counter("admiral_spans_dropped", "Trace spans dropped because the export queue was full.", registry=r)
+        self.amqp_publishes = Counter("admiral_amqp_publishes", "Events published to RabbitMQ by outcome (ok: confirmed, failed: refused by the broker, dropped: queue full).", ["outcome"], registry=r)
 
 
 class Children(Generic[M]):

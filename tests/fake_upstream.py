@@ -16,7 +16,9 @@ Behaviour syntax is ``name`` or ``name:arg`` (or a ``Behaviour`` instance):
     slow:S           like ok, after S seconds of silence (before headers / the first chunk)
     dribble:S        like ok, S seconds between stream chunks (plain: one S wait)
     500              HTTP 500 with an OpenAI error body
-    status:CODE      HTTP CODE with an OpenAI error body (400, 401, 403, 404, 503, ...)
+    status:CODE      HTTP CODE with an OpenAI error body (400, 401, 403, 404, 503, ...); 400 is
+                     OpenAI's refusal of a prompt too long (``context_length_exceeded``)
+    refuse           HTTP 400 ``invalid_request_error`` naming ``temperature``: a plain client mistake
     429[:S]          HTTP 429 with ``Retry-After: S`` (default 1; fractions sent as given, e.g. 0.2)
     429-noretry      HTTP 429 without Retry-After
     hang             never answers; ends only when the client leaves or the server stops
@@ -41,19 +43,42 @@ after ``latency``, until ``up.release()``; ``up.held`` is how many wait now. Tes
 requests overlap without depending on timing.
 
 A plain ``ok`` answer sets a cookie (``upstream-session``), as providers behind a CDN do.
-``GET /v1/models`` always answers ``up.models`` (latency applies). Every request is recorded in
-``up.requests`` (header names lower-cased); ``up.calls`` counts chat completion requests only.
+``GET /v1/models`` always answers ``up.models`` (latency applies). Every answer carries the
+headers in ``up.response_headers`` (a provider's ``x-ratelimit-*`` announcements, say). Every request is recorded in
+``up.requests`` (header names lower-cased); ``up.calls`` counts model requests (chat and those below).
 ``up.cancelled`` counts chat requests whose client went away before the response was complete.
 A request without a ``messages`` list gets a 400 whatever the behaviour.
+
+``POST /v1/completions`` (legacy text completions) takes the same behaviours, ``up.answers``, hold
+and counters (``up.calls`` counts it too; ``up.completion_requests`` lists it): its own answer is
+a ``text_completion`` with the text ``"echo: <prompt>"`` (a token array's JSON), streamed a word
+an event; a request without a ``prompt`` gets a 400.
+
+``POST /v1/embeddings`` takes the same behaviours, hold and counters (``up.calls`` counts it;
+``up.embedding_requests`` lists it): each input (a string or a token array) gets a unit vector
+that is a fixed function of it (:func:`fake_vector`, ``dimensions`` long, default 8), as floats
+or, with ``encoding_format: base64``, as base64 float32; usage counts words (token arrays: ids).
+A request without an ``input`` gets a 400.
+
+Provider quirks, checked before the behaviour: ``up.refuse_params = {"logprobs", ...}`` answers
+400 ``unsupported_parameter`` naming the first such body field a request carries (``n`` only when
+above 1, ``messages[].name`` in any message), as Groq, Cerebras or Mistral refuse what they do not
+take; ``up.context_limit = N`` answers a request whose messages (or prompt) hold more than N words
+with the context-length 400 ``up.context_error`` gives as ``(message, code)`` (OpenAI's wording
+by default; ``{limit}`` and ``{words}`` in the message are filled in).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import itertools
 import json
+import math
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,8 +86,10 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from tests.fake_responses import answer_responses
+
 _NAMES = frozenset(
-    {"ok", "slow", "dribble", "status", "429", "429-noretry"}
+    {"ok", "slow", "dribble", "status", "429", "429-noretry", "refuse"}
     | {"hang", "badjson", "wrongshape", "cut", "nodone"}
 )
 _NEEDS_ARG = frozenset({"slow", "dribble", "status"})
@@ -122,6 +149,28 @@ def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": error}, status=status, headers=headers)
 
 
+_CONTEXT_ERROR = ("This model's maximum context length is {limit} tokens. However, your messages resulted in {words} tokens.", "context_length_exceeded")
+
+
+def _client_error(message: str, code: str | None, param: str | None) -> web.Response:
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return web.json_response({"error": error}, status=400)
+
+
+def _refused(body: dict[str, Any], refuse: set[str]) -> str | None:
+    for name in sorted(refuse):
+        field = name.removeprefix("messages[].")
+        if field != name:
+            if any(isinstance(m, dict) and field in m for m in body.get("messages") or ()):
+                return name
+        elif name == "n":
+            if isinstance(body.get("n"), int) and body["n"] > 1:
+                return name
+        elif name in body:
+            return name
+    return None
+
+
 def streamed_as(chunks: Iterable[dict[str, Any]], include_usage: bool) -> list[dict[str, Any]]:
     """The chunks a provider streams to a request that asked ``include_usage`` or not.
 
@@ -155,6 +204,11 @@ class FakeUpstream:
         self.latency = latency
         self.answers: dict[str, Any] = {}
         self.models: list[str] = ["fake-model"]
+        #: headers added to every answer (e.g. the ``x-ratelimit-*`` limits a provider announces)
+        self.response_headers: dict[str, str] = {}
+        self.refuse_params: set[str] = set()
+        self.context_limit: int | None = None
+        self.context_error: tuple[str, str | None] = _CONTEXT_ERROR
         # counters are written under the lock by the server thread; reading them needs none
         self.calls = self.inflight = self.peak_inflight = self.cancelled = self.held = 0
         self._gate: asyncio.Event | None = None  # closed while set and not yet set(); loop thread only
@@ -195,6 +249,16 @@ class FakeUpstream:
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
+    @property
+    def completion_requests(self) -> list[RecordedRequest]:
+        """Requests to the legacy ``/v1/completions``."""
+        return [r for r in self.requests if r.path == "/v1/completions"]
+
+    @property
+    def embedding_requests(self) -> list[RecordedRequest]:
+        """Requests to ``/v1/embeddings``."""
+        return [r for r in self.requests if r.path == "/v1/embeddings"]
+
     def script(self, behaviours: Iterable[str | Behaviour]) -> None:
         """Replace the per-call queue (validated now, so typos fail in the test)."""
         items = list(behaviours)
@@ -213,6 +277,7 @@ class FakeUpstream:
             if behaviours:
                 self._script.clear()
                 self.behaviour, self.by_model, self.latency, self.answers = "ok", {}, 0.0, {}
+                self.refuse_params, self.context_limit, self.context_error = set(), None, _CONTEXT_ERROR
         if behaviours:
             self.release()
 
@@ -280,7 +345,12 @@ class FakeUpstream:
     async def _serve(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)  # legacy text completions
+        app.router.add_post("/v1/embeddings", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.on_response_prepare.append(self._announce)
+        # the Responses API, for providers with responses: native (tests/fake_responses.py)
+        app.router.add_post("/v1/responses", self._responses)
         # handler_cancellation: a client disconnect must cancel the handler, so it is counted
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
@@ -289,6 +359,9 @@ class FakeUpstream:
         # a deep backlog: load tests open hundreds of connections at once
         await web.TCPSite(self._runner, "127.0.0.1", 0, backlog=2048).start()
         self.port = self._runner.addresses[0][1]
+
+    async def _announce(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(self.response_headers)
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -323,6 +396,9 @@ class FakeUpstream:
         entry = RecordedRequest(request.method, request.path, headers, body, time.monotonic())
         with self._lock:
             self._requests.append(entry)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await answer_responses(self, request)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         self._record(request, None)
@@ -363,8 +439,23 @@ class FakeUpstream:
         if self.latency:
             await asyncio.sleep(self.latency)
         await self._pass_gate()
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        text = request.path == "/v1/completions"
+        embed = request.path == "/v1/embeddings"
+        if embed and not (isinstance(body, dict) and isinstance(body.get("input"), (str, list))):
             return _error(400)
+        if not embed and (not isinstance(body, dict) or not isinstance(body.get("prompt" if text else "messages"), (str, list) if text else list)):
+            return _error(400)
+        refused = _refused(body, self.refuse_params)
+        if refused is not None:
+            return _client_error(f"{refused} is not supported by this model", "unsupported_parameter", refused)
+        if self.context_limit is not None:
+            said = [m.get("content") for m in body.get("messages") or () if isinstance(m, dict)] or [body.get("prompt") or body.get("input")]
+            words = sum(len(_text(c).split()) for c in said)
+            if words > self.context_limit:
+                message, code = self.context_error
+                return _client_error(message.format(limit=self.context_limit, words=words), code, "messages" if code else None)
+        if name == "refuse":
+            return _client_error("temperature must be at most 2", "invalid_value", "temperature")
         if name == "status":
             return _error(int(arg))
         if name == "429":
@@ -379,6 +470,8 @@ class FakeUpstream:
             return web.json_response({"foo": 1})
         if name == "slow":
             await asyncio.sleep(arg)
+        if embed:
+            return await self._send_plain(request, behaviour, _embeddings(body), rid)
 
         opts = body.get("stream_options")
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
@@ -390,6 +483,8 @@ class FakeUpstream:
                 return await self._send_events(request, behaviour, streamed_as(chunks, include_usage))
             return await self._send_plain(request, behaviour, completion, rid)
 
+        if text:
+            return await self._text_completion(request, behaviour, body, rid.replace("chatcmpl", "cmpl"), include_usage)
         messages = [m for m in body["messages"] if isinstance(m, dict)]
         user = [m for m in messages if m.get("role") == "user"]
         content = "echo: " + (_text(user[-1].get("content")) if user else "")
@@ -407,6 +502,27 @@ class FakeUpstream:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         payload = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
         return await self._send_plain(request, behaviour, payload, rid)
+
+    async def _text_completion(
+        self, request: web.Request, behaviour: Behaviour, body: Any, rid: str, include_usage: bool
+    ) -> web.StreamResponse:
+        prompt = body["prompt"]
+        shown = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        text = "echo: " + shown
+        prompt_tokens = len(shown.split())
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()), "total_tokens": prompt_tokens + len(text.split())}
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.get("model", "")}
+        if body.get("stream"):
+            if include_usage:
+                head = {**head, "usage": None}
+            words = text.split(" ")
+            events = [{**head, "choices": [{"index": 0, "text": w if i == 0 else " " + w, "logprobs": None, "finish_reason": None}]} for i, w in enumerate(words)]
+            events.append({**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
+            if include_usage:
+                events.append({**head, "choices": [], "usage": usage})
+            return await self._send_events(request, behaviour, events)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+        return await self._send_plain(request, behaviour, {**head, "choices": [choice], "usage": usage}, rid)
 
     async def _send_plain(
         self, request: web.Request, behaviour: Behaviour, payload: Any, rid: str
@@ -463,3 +579,24 @@ def _abort(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse
         request.transport.close()
     resp.force_close()
     return resp
+
+
+def fake_vector(item: str | list[int], dimensions: int = 8) -> list[float]:
+    """The unit vector the fake answers for an input: a fixed function of it (exact in float32)."""
+    seed = hashlib.sha256(json.dumps(item).encode()).digest()
+    values = [float(seed[i % len(seed)] - 128) or 1.0 for i in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in values))
+    return list(array("f", [v / norm for v in values]))
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    value = body["input"]
+    items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+    dimensions = int(body.get("dimensions") or 8)
+    data = []
+    for index, item in enumerate(items):
+        vector = fake_vector(item, dimensions)
+        encoded: Any = base64.b64encode(array("f", vector).tobytes()).decode() if body.get("encoding_format") == "base64" else vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(len(i.split()) if isinstance(i, str) else len(i) for i in items)
+    return {"object": "list", "data": data, "model": body.get("model", ""), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

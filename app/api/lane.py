@@ -88,11 +88,17 @@ def _header_value(text: str) -> str:
 
 def admiral_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     """The ``x-admiral-*`` response headers, as ASGI sends them."""
-    headers = [(b"x-admiral-cache", ctx.cache_status.encode()), (b"x-admiral-route", _header_value(ctx.route).encode("latin-1"))]
+    route = _header_value(ctx.route)
+    if ctx.route_score is not None:
+        # how the learned router's auto chose: "code; by=classifier; confidence=0.91" (or by=rule, by=default below its confidence)
+        route += f"; by={ctx.route_by}; confidence={ctx.route_score:.2f}"
+    headers = [(b"x-admiral-cache", ctx.cache_status.encode()), (b"x-admiral-route", route.encode("latin-1"))]
     if ctx.backend:
         headers.append((b"x-admiral-backend", ctx.backend.encode("latin-1")))
     if ctx.dedupe_role:
         headers.append((b"x-admiral-dedupe", ctx.dedupe_role.encode()))
+    if ctx.cache_similarity is not None:
+        headers.append((b"x-admiral-cache-similarity", f"{ctx.cache_similarity:.4f}".encode()))
     return headers
 
 

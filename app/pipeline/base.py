@@ -127,11 +127,16 @@ class RequestContext:
     #: SHA-256 of the fields that decide the answer; computed once, shared by cache and dedupe
     cache_key: str | None = None
     route: str = ""
+    #: how an ``auto`` request's route was chosen (classifier, rule, default) and the classifier's confidence
+    route_by: str | None = None
+    route_score: float | None = None
     deployments: list[Deployment] = field(default_factory=list)
     strategy: str = "ordered"
     deployment: Deployment | None = None
     backend: str = ""
     cache_status: str = "bypass"
+    #: the similarity of the stored request that answered a semantic hit
+    cache_similarity: float | None = None
     dedupe_role: str | None = None
     attempts: int = 0
     tried: list[str] = field(default_factory=list)
@@ -142,7 +147,7 @@ class RequestContext:
     @property
     def paid_upstream(self) -> bool:
         """Whether this request's own upstream call produced its answer (not a cache hit, not a follower)."""
-        return self.cache_status != "hit" and self.dedupe_role != "follower"
+        return self.cache_status not in ("hit", "semantic-hit") and self.dedupe_role != "follower"
 
     def identify(self, key: KeyConfig | None) -> None:
         """The caller, from its gateway key (None: no keys are configured, the caller is anonymous)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -47,10 +47,17 @@ class OpenAICompatibleProvider:
         base = (config.base_url or "").rstrip("/")
         self._urls = {endpoint: base + path for endpoint, path in _PATHS.items()}
         self._secret = config.api_key.get_secret_value() if config.api_key else ""
+        # a provider that refuses stream_options (its profile drops it) is not asked for usage:
+        # dispatch estimates it instead
+        self._stream_usage = "stream_options" not in config.drop_params
         # a provider may take its key in a header of its own (x-api-key): a provider that echoes
         # credentials back in an error must not get them into our errors and logs
         self._secrets = [v for v in (self._secret, *config.headers.values()) if len(v) >= 8]
         self._session: aiohttp.ClientSession | None = None
+        #: set when tracing is on: the current (attempt) span's traceparent headers for each call
+        self.trace_headers: Callable[[], dict[str, str]] | None = None
+        #: given each answer's headers (its x-ratelimit-* announcements feed the provider budget)
+        self.on_headers: Callable[[str, Mapping[str, str]], None] | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeout_s,
             sock_connect=config.connect_timeout_s,
@@ -156,7 +163,10 @@ class OpenAICompatibleProvider:
             payload["stream"] = False
             payload.pop("stream_options", None)
         try:
-            async with session.post(self._urls[endpoint], data=orjson.dumps(payload), timeout=self._timeout) as resp:
+            headers = self.trace_headers() if self.trace_headers is not None else None
+            async with session.post(self._urls[endpoint], data=orjson.dumps(payload), timeout=self._timeout, headers=headers) as resp:
+                if self.on_headers is not None:
+                    self.on_headers(self.name, resp.headers)
                 if resp.status >= 400:
                     raise await self._error_for(resp)
                 raw = await resp.read()
@@ -175,10 +185,15 @@ class OpenAICompatibleProvider:
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
         session = self._session_or_fail()
-        payload = {**request.payload, "model": request.model, "stream": True, "stream_options": {"include_usage": True}}
+        payload = {**request.payload, "model": request.model, "stream": True}
+        if self._stream_usage:
+            payload["stream_options"] = {"include_usage": True}
         finished = False
         try:
-            async with session.post(self._urls[request.endpoint], data=orjson.dumps(payload), timeout=self._stream_timeout) as resp:
+            headers = self.trace_headers() if self.trace_headers is not None else None
+            async with session.post(self._urls[request.endpoint], data=orjson.dumps(payload), timeout=self._stream_timeout, headers=headers) as resp:
+                if self.on_headers is not None:
+                    self.on_headers(self.name, resp.headers)
                 if resp.status >= 400:
                     raise await self._error_for(resp)
                 async for lines in _lines(resp.content):
