@@ -27,6 +27,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs: bound, never listening, so no
+    server the test starts meanwhile can take it (a :func:`free_port` may be handed out again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
 def make_settings(config: dict[str, Any] | str, source: str = "test.yaml", env: dict[str, str] | None = None) -> Settings:
     data = yaml.safe_load(config) if isinstance(config, str) else dict(config)
     if "database" not in data:

@@ -34,7 +34,7 @@ from tests.manual_clock import ManualClock
 from tests.replicas import replicas
 from tests.resilience_support import AGENT_KEY, PROVIDER_KEY, post, sample, two_upstreams, wait_until
 from tests.serve import NewDatabase
-from tests.support import GatewayServer, free_port
+from tests.support import GatewayServer, closed_port
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -219,8 +219,7 @@ def test_redis_cut_mid_test_both_replicas_keep_serving_and_resync(upstream: Fake
 
 @pytest.mark.postgres
 def test_replicas_started_without_redis_serve_and_share_the_database_tier(upstream: FakeUpstream, prefix: str, new_pg_database: NewDatabase) -> None:
-    closed = f"redis://127.0.0.1:{free_port()}/0"
-    with replicas(cache_config(upstream), prefix=prefix, database_url=new_pg_database(), redis_url=closed) as (a, b):
+    with closed_port() as port, replicas(cache_config(upstream), prefix=prefix, database_url=new_pg_database(), redis_url=f"redis://127.0.0.1:{port}/0") as (a, b):
         assert ask(a, "no redis").headers["x-admiral-cache"] == "miss"
         flush(a)
         assert ask(b, "no redis").headers["x-admiral-cache"] == "hit"

@@ -31,7 +31,7 @@ from tests.conftest import REDIS_URL
 from tests.fake_upstream import FakeUpstream
 from tests.replicas import replicas
 from tests.serve import NewDatabase
-from tests.support import GatewayServer, free_port
+from tests.support import GatewayServer, closed_port, free_port
 from tests.tcp_proxy import TcpProxy
 from tests.test_dedupe import HELLO, KEY_A, assert_one_shared_answer, chat, coalesced, config, no_flights_left, post
 
@@ -128,8 +128,7 @@ def test_the_leaders_error_is_every_replicas_answer(upstream: FakeUpstream, pref
 
 def test_with_redis_down_each_replica_still_dedupes_on_its_own(upstream: FakeUpstream, prefix: str, new_pg_database: NewDatabase) -> None:
     upstream.behaviour = "slow:2"
-    down = f"redis://127.0.0.1:{free_port()}/0"
-    with replicas(config(upstream), prefix=prefix, database_url=new_pg_database(), redis_url=down) as gws:
+    with closed_port() as port, replicas(config(upstream), prefix=prefix, database_url=new_pg_database(), redis_url=f"redis://127.0.0.1:{port}/0") as gws:
 
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=20) as client:

@@ -16,7 +16,7 @@ from app.config import StateConfig
 from app.metrics import Metrics
 from app.state import MemoryStateStore, StateStore, build_state_store
 from app.state.redis import RedisStateStore
-from tests.support import gateway
+from tests.support import closed_port, gateway
 from tests.tcp_proxy import TcpProxy, free_port
 
 pytestmark = pytest.mark.redis
@@ -285,7 +285,7 @@ def test_gateway_readiness_reports_redis_and_its_outage(prefix: str) -> None:
         assert ready.status_code == 200
         assert ready.json()["checks"]["state"] == {"ok": True}
 
-    with gateway(_gateway_config(f"redis://127.0.0.1:{free_port()}/0", prefix)) as gw:
+    with closed_port() as port, gateway(_gateway_config(f"redis://127.0.0.1:{port}/0", prefix)) as gw:
         ready = httpx.get(f"{gw.url}/health/ready")
         assert ready.status_code == 200  # requests are served from this replica's memory: stays in rotation
         assert ready.json()["status"] == "degraded"
