@@ -30,7 +30,7 @@ ChunkTap = Callable[[ChatCompletionChunk], None]
 class Answer:
     """A complete answer (a dict or its encoded JSON, each made from the other when asked) or a stream."""
 
-    __slots__ = ("_body", "_encoded", "_ends", "_fold", "_over", "_source", "_taps", "usage")
+    __slots__ = ("_body", "_encoded", "_ends", "_fold", "_over", "_source", "_taps", "from_cache", "usage")
 
     def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | None = None) -> None:
         assert (chunks is None) != (body is None and encoded is None), "an answer is complete or a stream"
@@ -44,12 +44,15 @@ class Answer:
         self._fold: ChunkAssembler | None = None
         #: the usage the answer reports (a stream's once its usage chunk has passed)
         self.usage: Usage | None = body.get("usage") if body is not None else None
+        #: read from the cache (exact, semantic, or the shared tier a finished flight left): not stored again
+        self.from_cache = False
 
     @classmethod
     def stored(cls, encoded: bytes, usage: Usage | None) -> Answer:
         """A complete answer kept as JSON (from the cache): decoded only if someone reads it."""
         answer = cls(encoded=encoded)
         answer.usage = usage
+        answer.from_cache = True
         return answer
 
     @property

@@ -51,9 +51,9 @@ class CacheLayer:
         else:
             ctx.cache_status = "bypass"
         answer = await self._next(request, ctx)
-        if not ctx.cache_write or ctx.cache_status == "semantic-hit":
-            # a semantic hit is stored already, under the request it answered: kept under this
-            # request's exact key too, it would answer a caller that has the semantic cache off
+        if not ctx.cache_write or answer.from_cache:
+            # stored already, under the request it answered: a semantic hit kept under this
+            # request's exact key would answer a caller that has the semantic cache off
             return answer
         if not answer.is_stream:
             if is_complete(answer.body):
