@@ -19,6 +19,8 @@ class ProviderBudgetLayer:
         assert ctx.deployment is not None
         provider = ctx.deployment.provider
         limiter = self._limiter
+        if provider not in limiter.limits and not limiter.announces(provider):
+            return await self._next(request, ctx)  # no budget to keep: no estimate to make
         estimate = request.estimated_tokens()
         wait = limiter.announced_wait(provider, estimate)
         if wait > 0:

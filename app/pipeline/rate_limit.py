@@ -157,6 +157,10 @@ class RateLimiter:
             for window in found:
                 known[(window.unit, window.window)] = _Left(window)
 
+    def announces(self, name: str) -> bool:
+        """Whether ``name``'s answers have announced limits."""
+        return name in self._announced
+
     def announced_wait(self, name: str, tokens: int) -> float:
         """Seconds until ``name`` has room by what it announced (0: it has), counting the calls
         admitted since its last answer; an admission takes one request and ``tokens`` from them."""

@@ -54,6 +54,8 @@ def announced_limits(headers: Mapping[str, str], now: float) -> list[Announced]:
     """Every window the headers announce (empty when they announce none)."""
     fields: dict[tuple[str, str], dict[str, str]] = {}
     for name, value in headers.items():
+        if name[:1] not in ("x", "X"):
+            continue  # every answer passes here: most of its headers are not even looked at
         match = _NAME.match(name.lower())
         if match is not None:
             kind, unit, window = match.groups()
