@@ -228,10 +228,6 @@ class RouteClassifier:
         self._matrix = torch.cat([encoder.encode(texts[i : i + MAX_BATCH]) for i in range(0, len(texts), MAX_BATCH)])
         self._owner = torch.tensor(owners)
 
-    @property
-    def routes(self) -> list[str]:
-        return list(self._routes)
-
     async def classify(self, text: str) -> Decision | None:
         """The route for ``text`` with its confidence; None when there is nothing to choose between."""
         if not self._routes or not text.strip():
