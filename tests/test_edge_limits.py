@@ -336,11 +336,10 @@ def test_the_limits_hold_in_every_worker(tmp_path: Path) -> None:
                 assert time.monotonic() - started < 5  # 1 s here, 10 s by default
             with connect(process.port) as sock:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
-                answer = read_until_closed(sock)
-                # the limit holds (a worker without it would answer 200); that the 431 itself is
-                # sent is the single-worker tests' claim: here it was once lost to a reset (1 run
-                # in 3 of the whole suite), not yet explained
-                assert answer == b"" or split_response(answer)[0] == 431, answer[:200]
+                assert split_response(read_until_closed(sock))[0] == 431
+        # a reset here once meant a worker had failed to start (both self-upgrading one SQLite
+        # file at once) and uvicorn's parent had stopped the server: test_migrations covers that
+        assert process.proc.poll() is None
     finally:
         process.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,19 @@ def test_embedded_sqlite_upgrades_itself_at_start(tmp_path: Path) -> None:
     with gateway({"providers": {"demo": {"kind": "demo"}}, "models": {"demo": ["demo/echo"]}, "database": {"url": url}}) as gw:
         assert httpx.get(f"{gw.url}/health/ready").status_code == 200
     assert TABLES <= inspect_db(url)["tables"]
+
+
+def test_workers_upgrading_one_sqlite_file_at_once_all_start(tmp_path: Path) -> None:
+    # `serve --workers N` starts N self-upgrading workers together; unserialised, two found the
+    # tables missing and one failed to create them (9 races in 12), which ended the whole server
+    upgrade = "import sys; from app.storage.migrate import upgrade_to_head; upgrade_to_head(sys.argv[1])"
+    for round_ in range(4):
+        url = f"sqlite+aiosqlite:///{tmp_path}/race{round_}.db"
+        racers = [subprocess.Popen([sys.executable, "-c", upgrade, url], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for racer in racers:
+            _, err = racer.communicate(timeout=120)
+            assert racer.returncode == 0, err[-2000:]
+        assert inspect_db(url)["revision"] == known_revisions(url)[0]
 
 
 @pytest.mark.postgres

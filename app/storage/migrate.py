@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
 from importlib import resources
 
 # Alembic announces each of its autogenerate plugins at INFO when it is imported: seven lines of
@@ -13,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 
@@ -25,8 +28,27 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade_to_head(url: str) -> None:
-    """Blocking: call it from a thread when an event loop is running."""
-    command.upgrade(alembic_config(url), "head")
+    """Blocking: call it from a thread when an event loop is running.
+
+    Processes that upgrade one SQLite file do it one at a time (``serve --workers N`` starts N
+    self-upgrading workers at once): two would both find the tables missing and one would fail to
+    create them, and with it the worker's start.
+    """
+    with _sqlite_upgrade_lock(url):
+        command.upgrade(alembic_config(url), "head")
+
+
+@contextlib.contextmanager
+def _sqlite_upgrade_lock(url: str) -> Iterator[None]:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        yield
+        return
+    # a file of its own: SQLite's own locks on the database file are POSIX locks, which closing any
+    # other descriptor of that file in this process would drop
+    with open(f"{parsed.database}-upgrade.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def known_revisions(url: str) -> tuple[str | None, frozenset[str]]:
