@@ -18,14 +18,33 @@ LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 FallbacksArg = Iterable[Fallback | Mapping[str, Any]] | str | os.PathLike[str] | None
 
 
-def _route(base_url: str | None, fallbacks: FallbacksArg, outage: Outage | None, connect_timeout: float, first_byte_timeout: float) -> Route:
-    gateway = base_url or os.environ.get("ADMIRAL_BASE_URL") or DEFAULT_BASE_URL
-    return Route(gateway, fallbacks_from(fallbacks), outage or Outage(), connect_timeout, first_byte_timeout)
-
-
-def _own_route(http_client: Any) -> Route | None:
-    transport = getattr(http_client, "_transport", None)
-    return getattr(transport, "route", None) if isinstance(transport, (FallbackTransport, AsyncFallbackTransport)) else None
+def _sdk_args(
+    client: openai.OpenAI | openai.AsyncOpenAI,
+    base_url: str | None,
+    api_key: str | None,
+    route_args: tuple[FallbacksArg, Outage | None, float, float],
+    transport: Any,
+    http_client: Any,
+) -> dict[str, Any]:
+    """The SDK constructor's ``base_url``, ``api_key`` and ``http_client`` for ``client``, whose
+    calls go through a fallback transport (sync or async, as ``client`` is)."""
+    sync = isinstance(client, openai.OpenAI)
+    ours = FallbackTransport if sync else AsyncFallbackTransport
+    transport_in_use = getattr(http_client, "_transport", None)  # with_options() passes ours back
+    if http_client is not None and not isinstance(transport_in_use, ours):
+        raise TypeError(f"admiral_client.{type(client).__name__} builds its own http_client; pass transport= for proxy or TLS settings")
+    if transport_in_use is not None:
+        route = transport_in_use.route
+    else:
+        fallbacks, outage, connect_timeout, first_byte_timeout = route_args
+        gateway = base_url or os.environ.get("ADMIRAL_BASE_URL") or DEFAULT_BASE_URL
+        route = Route(gateway, fallbacks_from(fallbacks), outage or Outage(), connect_timeout, first_byte_timeout)
+        if sync:
+            http_client = openai.DefaultHttpxClient(transport=FallbackTransport(route, transport or httpx.HTTPTransport(limits=LIMITS)))
+        else:
+            http_client = openai.DefaultAsyncHttpxClient(transport=AsyncFallbackTransport(route, transport or httpx.AsyncHTTPTransport(limits=LIMITS)))
+    client.admiral_route = route  # type: ignore[union-attr]
+    return {"base_url": base_url or route.gateway, "api_key": api_key or os.environ.get("ADMIRAL_API_KEY"), "http_client": http_client}
 
 
 class OpenAI(openai.OpenAI):
@@ -54,14 +73,8 @@ class OpenAI(openai.OpenAI):
         http_client: Any = None,
         **kwargs: Any,
     ) -> None:
-        route = _own_route(http_client)
-        if http_client is not None and route is None:
-            raise TypeError("admiral_client.OpenAI builds its own http_client; pass transport= for proxy or TLS settings")
-        if route is None:
-            route = _route(base_url, fallbacks, outage, connect_timeout, first_byte_timeout)
-            http_client = openai.DefaultHttpxClient(transport=FallbackTransport(route, transport or httpx.HTTPTransport(limits=LIMITS)))
-        self.admiral_route = route
-        super().__init__(base_url=base_url or route.gateway, api_key=api_key or os.environ.get("ADMIRAL_API_KEY"), http_client=http_client, **kwargs)
+        route_args = (fallbacks, outage, connect_timeout, first_byte_timeout)
+        super().__init__(**_sdk_args(self, base_url, api_key, route_args, transport, http_client), **kwargs)
 
 
 class AsyncOpenAI(openai.AsyncOpenAI):
@@ -80,11 +93,5 @@ class AsyncOpenAI(openai.AsyncOpenAI):
         http_client: Any = None,
         **kwargs: Any,
     ) -> None:
-        route = _own_route(http_client)
-        if http_client is not None and route is None:
-            raise TypeError("admiral_client.AsyncOpenAI builds its own http_client; pass transport= for proxy or TLS settings")
-        if route is None:
-            route = _route(base_url, fallbacks, outage, connect_timeout, first_byte_timeout)
-            http_client = openai.DefaultAsyncHttpxClient(transport=AsyncFallbackTransport(route, transport or httpx.AsyncHTTPTransport(limits=LIMITS)))
-        self.admiral_route = route
-        super().__init__(base_url=base_url or route.gateway, api_key=api_key or os.environ.get("ADMIRAL_API_KEY"), http_client=http_client, **kwargs)
+        route_args = (fallbacks, outage, connect_timeout, first_byte_timeout)
+        super().__init__(**_sdk_args(self, base_url, api_key, route_args, transport, http_client), **kwargs)
