@@ -93,8 +93,8 @@ class CircuitBreaker:
         text = str(deployment)
         return text if text in self._configured else f"{deployment.provider}/*"
 
-    async def _read(self, key: str) -> tuple[str, float, str] | None:
-        raw = await self._state.get(f"cb:{key}")
+    async def _read(self, key: str, *, cached: bool = False) -> tuple[str, float, str] | None:
+        raw = await (self._state.get_cached if cached else self._state.get)(f"cb:{key}")
         if raw is None:
             return None
         kind, until, reason = raw.decode("utf-8", "replace").split("|", 2)
@@ -140,7 +140,8 @@ class CircuitBreaker:
     async def admit(self, deployment: Deployment) -> bool:
         """Raise a skip error when the deployment must not be called now; True when this call is the probe."""
         key = self.key(deployment)
-        entry = await self._read(key)
+        # read on every call: a local copy, which writes on any replica invalidate (no round trip while nothing changes)
+        entry = await self._read(key, cached=True)
         if entry is None:
             self._observe(key, deployment.provider, CLOSED)
             return False

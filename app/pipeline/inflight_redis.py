@@ -35,7 +35,7 @@ from app.pipeline.answer import Answer
 from app.pipeline.base import Deployment, RequestContext
 from app.pipeline.inflight import LocalInflight, SharedAnswers, SharedCall, Ticket
 from app.shapes import ChatCompletion, ChatCompletionChunk
-from app.state.redis_channels import ChannelError, ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels
+from app.state.redis_channels import CHUNK, END, ERROR, ChannelError, ChannelUnavailable, LeaderFailed, LeaderLost, RedisChannels
 
 log = logging.getLogger("admiral.inflight")
 
@@ -67,6 +67,18 @@ class ChannelStore(Protocol):
 
     async def ping(self) -> bool:
         """Check Redis, going degraded (and probing until it answers) when it does not."""
+        ...
+
+    def stored_key(self, key: str) -> str:
+        """The Redis key of ``key``'s answer in the shared cache."""
+        ...
+
+    def take_writes(self) -> list[tuple[str, bytes, int]]:
+        """The shared-cache writes not sent yet (key, value, PX ms): a lease's release carries them."""
+        ...
+
+    def followed(self, stream: str) -> bool:
+        """Whether another replica follows the flight ``stream`` (True when that cannot be told)."""
         ...
 
 
@@ -109,8 +121,8 @@ class RedisInflight:
                     break
                 channels = self._store.channels
                 try:
-                    token = await channels.acquire(key, self._ttl)
-                    if token is None and (holder := await channels.holder(key)) is not None:
+                    token, holder, stored = await channels.claim(key, self._ttl, self._store.stored_key(key))
+                    if holder is not None:
                         _settle(leads, False)
                         return await self._follow(channels, key, holder, ctx)
                 except ChannelUnavailable as exc:
@@ -119,14 +131,13 @@ class RedisInflight:
                 except ChannelError as exc:
                     log.info("single flight %s: the leading replica gave no answer (%s); trying again", key[:12], exc)
                     continue
-                if token is not None:
-                    _settle(leads, True)
-                    # the flight before this one may have ended just after this request missed the cache
-                    found = await self._stored(channels, key, token, ctx)
-                    if found is not None:
-                        return found
-                    return await self._lead(channels, key, token, ctx, call)
-                # else the flight ended between the two calls: the next round leads the next one
+                assert token is not None
+                _settle(leads, True)
+                # the flight before this one may have ended just after this request missed the cache
+                found = await self._stored(channels, key, token, ctx) if stored else None
+                if found is not None:
+                    return found
+                return await self._lead(channels, key, token, ctx, call)
             _settle(leads, True)
             return await call(ctx)
         finally:
@@ -149,19 +160,18 @@ class RedisInflight:
         return found
 
     async def _lead(self, channels: RedisChannels, key: str, token: str, ctx: RequestContext, call: SharedCall) -> Answer:
-        lease = _Lease(channels, key, token, self._ttl, self._outage)
+        lease = _Lease(channels, key, token, self._ttl, self._outage, self._store)
         try:
             answer = await call(ctx)
             head = {"backend": ctx.backend, "deployment": str(ctx.deployment) if ctx.deployment else None}
             if not answer.is_stream:
-                await lease.send({**head, "body": answer.body})
-                # stored before the lease goes: a request arriving after the end reads it there
+                # stored before the lease goes (in the same round trip): a request arriving after the end reads it there
                 await self._publish(key, ctx, answer.body)
         except BaseException as exc:
             await lease.close(exc)
             raise
         if not answer.is_stream:
-            await lease.close(None)
+            await lease.close(None, last={**head, "body": answer.body})
             return answer
         folded = answer.fold() if self._answers is not None else None
 
@@ -206,57 +216,78 @@ class RedisInflight:
 
 
 class _Lease:
-    """A leader's hold on a key, renewed while its call runs; what it sends reaches every follower."""
+    """A leader's hold on a key, renewed while its call runs; what it sends reaches every follower.
 
-    def __init__(self, channels: RedisChannels, key: str, token: str, ttl_s: float, on_outage: Callable[[ChannelUnavailable], Awaitable[None]]) -> None:
+    Entries wait here until another replica follows the flight (its claim's notice): from then on
+    they are published as they come, a batch per round trip; the rest, the end marker and the
+    release go in one last round trip (the stream written only when someone followed).
+    """
+
+    def __init__(
+        self, channels: RedisChannels, key: str, token: str, ttl_s: float, on_outage: Callable[[ChannelUnavailable], Awaitable[None]], store: ChannelStore
+    ) -> None:
         self._channels = channels
         self._key = key
         self._token = token
         self._on_outage = on_outage
+        self._store = store
         self._publisher = channels.publisher(key, token)
         self._keeper = asyncio.create_task(channels.keep_alive(key, token, ttl_s), name=f"lease-{key[:12]}")
         self._open = True
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._live = False
+        self._sending: asyncio.Task[None] | None = None
 
-    async def send(self, entry: dict[str, Any]) -> None:
-        """Publish one entry; when Redis fails the lease lapses (followers go elsewhere), the call goes on."""
+    def send(self, entry: dict[str, Any]) -> None:
+        """Queue one entry for followers; when Redis fails the lease lapses (followers go elsewhere), the call goes on."""
         if not self._open:
             return
+        self._pending.append((CHUNK, orjson.dumps(entry)))
+        if not self._live:
+            self._live = self._store.followed(self._publisher.stream)
+        if self._live and self._sending is None:
+            self._sending = asyncio.get_running_loop().create_task(self._drain(), name=f"flight-publish-{self._key[:12]}")
+
+    async def _drain(self) -> None:
         try:
-            await self._publisher.send(orjson.dumps(entry))
+            while self._pending and self._open:
+                batch, self._pending = self._pending, []
+                await self._channels.append(self._publisher, batch)
         except ChannelUnavailable as exc:
-            self._open = False
-            self._keeper.cancel()
+            self._lost()
             await self._on_outage(exc)
+        finally:
+            self._sending = None
 
-    async def close(self, error: BaseException | None) -> None:
-        """End the stream with the end marker (or ``error``) and release the lease."""
-        if not self._open:
-            return
+    def _lost(self) -> None:
         self._open = False
         self._keeper.cancel()
+
+    async def close(self, error: BaseException | None, last: dict[str, Any] | None = None) -> None:
+        """In one round trip: what followers still lack, ``last`` and the end marker (or ``error``), the
+        shared cache's pending writes, the lease released."""
+        if self._sending is not None:
+            await asyncio.shield(self._sending)  # what is on its way lands first
+        if not self._open:
+            return
+        self._lost()
+        entries, self._pending = self._pending, []
+        if last is not None:
+            entries.append((CHUNK, orjson.dumps(last)))
+        entries.append((END, b"") if error is None else (ERROR, _failure(error).encode()))
         try:
-            # an answer goes out before the lease does
-            if error is None:
-                await self._publisher.end()
-                await self._channels.release(self._key, self._token)
-            elif isinstance(error, GatewayError):
-                await self._publisher.fail(_failure(error))
-                await self._channels.release(self._key, self._token)
-            else:
-                # no answer: the key is freed first, so a follower woken by the marker can lead the next try
-                await self._channels.release(self._key, self._token)
-                await self._publisher.fail(_failure(error))
+            await self._channels.finish(self._publisher, self._key, self._token, entries, self._store.take_writes())
         except ChannelUnavailable as exc:
             await self._on_outage(exc)  # the lease lapses by itself: followers then stop waiting
 
 
 async def _broadcast(head: dict[str, Any], chunks: Answer, lease: _Lease, publish: Callable[[], Awaitable[None]]) -> AsyncIterator[ChatCompletionChunk]:
-    """The leader's stream, each chunk published before it is handed on; the whole answer stored before the lease goes."""
+    """The leader's stream, each chunk queued for followers as it is handed on; the whole answer stored before the lease goes."""
     error: BaseException | None = None
     try:
-        await lease.send(head)
+        lease.send(head)
         async for chunk in chunks:
-            await lease.send(chunk)
+            lease.send(chunk)
             yield chunk
         await publish()
     except BaseException as exc:

@@ -25,6 +25,7 @@ from app.pipeline.answer import Answer, spent_tokens
 from app.pipeline.base import Handler, ModelRequest, RequestContext
 from app.providers.announced import Announced, announced_limits
 from app.state import StateStore
+from app.state.base import QuotaTake, RateTake
 
 PERIOD_S = 60.0
 #: at most one optimizer.rate_limit event per budget in this many seconds
@@ -205,60 +206,40 @@ class RateLimiter:
         self._mirror(key, limit, delta)
 
     async def reserve(self, name: str, tokens: int) -> Reservation:
-        """Take one request and ``tokens`` (capped at the tpm and tpd) from ``name``'s budget, or refuse."""
+        """Take one request and ``tokens`` (capped at the tpm and tpd) from ``name``'s budget, or refuse.
+
+        Every window is checked and taken in one call to the store (one round trip on Redis).
+        """
         limit = self.limits.get(name)
         if limit is None:
             return Reservation(name, None)
         rpm_key, tpm_key = self._keys[name]
         tokens = max(tokens, 1)
         minute_tokens = min(tokens, limit.tpm) if limit.tpm else 0
+        windows: list[str] = []
+        rates: list[RateTake] = []
         if limit.rpm:
-            wait = await self._state.acquire_rate(rpm_key, limit.rpm, PERIOD_S, 1)
-            if wait > 0:
-                return await self._refuse(name, limit, wait, "rpm")
-            self._mirror(rpm_key, limit.rpm, 1)
+            windows.append("rpm")
+            rates.append(RateTake(rpm_key, limit.rpm, PERIOD_S, 1))
         if limit.tpm:
-            wait = await self._state.acquire_rate(tpm_key, limit.tpm, PERIOD_S, minute_tokens)
-            if wait > 0:
-                await self._give_minute(limit, rpm_key, tpm_key, 0)
-                return await self._refuse(name, limit, wait, "tpm")
-            self._mirror(tpm_key, limit.tpm, minute_tokens)
-        reservation = Reservation(name, limit, minute_tokens)
-        if limit.rpd or limit.tpd:
-            refused = await self._take_day(reservation, limit, tokens)
-            if refused is not None:
-                await self._give_minute(limit, rpm_key, tpm_key, minute_tokens)
-                return refused
-        return reservation
-
-    async def _take_day(self, reservation: Reservation, limit: RateLimit, tokens: int) -> Reservation | None:
-        """Take the daily units; a refusal (returned) leaves both daily windows as they were."""
-        name = reservation.name
-        day, left_s = self._days.today(self._clock.now())
-        ttl = left_s + _DAY_GRACE_S
-        reservation.day = day
-        if limit.rpd:
-            taken, used = await self._state.take_quota(self._key(name, "rpd") + ":" + day, limit.rpd, 1, ttl)
-            await self._saw_day(name, "rpd", limit.rpd, day, used, left_s)
-            if not taken:
-                return await self._refuse(name, limit, left_s, "rpd")
-        if limit.tpd:
-            day_tokens = min(tokens, limit.tpd)
-            taken, used = await self._state.take_quota(self._key(name, "tpd") + ":" + day, limit.tpd, day_tokens, ttl)
-            await self._saw_day(name, "tpd", limit.tpd, day, used, left_s)
-            if not taken:
-                if limit.rpd:
-                    used = await self._state.give_quota(self._key(name, "rpd") + ":" + day, -1, ttl)
-                    await self._saw_day(name, "rpd", limit.rpd, day, used, left_s)
-                return await self._refuse(name, limit, left_s, "tpd")
-            reservation.day_tokens = day_tokens
-        return None
-
-    async def _give_minute(self, limit: RateLimit, rpm_key: str, tpm_key: str, tokens: int) -> None:
-        if limit.rpm:
-            await self._give(rpm_key, limit.rpm, -1)
-        if limit.tpm and tokens:
-            await self._give(tpm_key, limit.tpm, -tokens)
+            windows.append("tpm")
+            rates.append(RateTake(tpm_key, limit.tpm, PERIOD_S, minute_tokens))
+        quotas: list[QuotaTake] = []
+        day, left_s = self._days.today(self._clock.now()) if limit.rpd or limit.tpd else ("", 0.0)
+        day_tokens = min(tokens, limit.tpd) if limit.tpd else 0
+        for unit, per_day, cost in (("rpd", limit.rpd, 1), ("tpd", limit.tpd, day_tokens)):
+            if per_day:
+                windows.append(unit)
+                quotas.append(QuotaTake(self._key(name, unit) + ":" + day, per_day, cost, left_s + _DAY_GRACE_S))
+        admission = await self._state.admit(rates, quotas)
+        for quota, unit, used in zip(quotas, windows[len(rates) :], admission.used, strict=True):
+            await self._saw_day(name, unit, quota.limit, day, used, left_s)
+        if admission.refused >= 0:
+            window = windows[admission.refused]
+            return await self._refuse(name, limit, admission.wait_s if admission.refused < len(rates) else left_s, window)
+        for take in rates:
+            self._mirror(take.key, int(take.limit), take.cost)
+        return Reservation(name, limit, minute_tokens, day=day, day_tokens=day_tokens)
 
     async def _saw_day(self, name: str, unit: str, limit: int, day: str, used: int, left_s: float) -> None:
         """Keep the shared count a daily window reported; announce once a day when a provider runs low."""

@@ -8,10 +8,45 @@ SQL table (in-process for memory, across replicas for Redis), so nothing else lo
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 from app.pipeline.inflight import InflightCoordinator
 from app.storage.cache_tiers import CacheTier, SqlCacheTier
+
+
+class RateTake(NamedTuple):
+    """One GCRA window of an admission: ``cost`` units against ``limit`` per ``period_s``."""
+
+    key: str
+    limit: float
+    period_s: float
+    cost: float
+
+
+class QuotaTake(NamedTuple):
+    """One fixed window of an admission (a day's requests or tokens): ``cost`` units against ``limit``.
+
+    The window's count expires after ``ttl_s`` (keys name their window, so a new one starts from zero).
+    """
+
+    key: str
+    limit: int
+    cost: int
+    ttl_s: float
+
+
+class Admission(NamedTuple):
+    """What :meth:`StateStore.admit` decided.
+
+    ``refused`` is the index of the first window without room (rates first, then quotas), or -1 when
+    every window took its units; ``wait_s`` is how long until a refusing rate window has room;
+    ``used`` holds each quota's units after the call (taken when admitted, as they were when refused).
+    """
+
+    refused: int
+    wait_s: float
+    used: tuple[int, ...]
 
 
 class StateStore(Protocol):
@@ -25,13 +60,15 @@ class StateStore(Protocol):
         ...
 
     async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
-        """Settle an earlier admission: take ``delta`` more units, or give back when negative."""
+        """Settle an earlier admission: take ``delta`` more units, or give back when negative.
+
+        A store may apply it a moment later (the Redis store sends it with its next admission, or
+        within ``ADJUST_DELAY_S``), never after a later admission on the same store.
+        """
         ...
 
-    async def take_quota(self, key: str, limit: int, cost: int, ttl_s: float) -> tuple[bool, int]:
-        """A fixed-window quota (a day's requests or tokens): take ``cost`` units if the ``limit``
-        allows it. Returns (taken, units used after the call); the window's count expires after
-        ``ttl_s`` (keys name their window, so a new window starts from zero)."""
+    async def admit(self, rates: Sequence[RateTake], quotas: Sequence[QuotaTake]) -> Admission:
+        """Take every window's units at once, or none of them when one has no room (one round trip)."""
         ...
 
     async def give_quota(self, key: str, delta: int, ttl_s: float) -> int:
@@ -48,6 +85,11 @@ class StateStore(Protocol):
         ...
 
     async def get(self, key: str) -> bytes | None: ...
+
+    async def get_cached(self, key: str) -> bytes | None:
+        """``get`` for values that rarely change (breaker records): may answer from a local copy that
+        writes on other replicas invalidate a moment after they happen."""
+        ...
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from app.pipeline.inflight import InflightCoordinator, LocalInflight
+from app.state.base import Admission, QuotaTake, RateTake
 from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
 
@@ -19,17 +20,35 @@ class MemoryStateStore:
         self._events: dict[str, deque[float]] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}
 
-    async def acquire_rate(self, key: str, limit: float, period_s: float, cost: float = 1.0) -> float:
-        now = self._clock()
-        interval = period_s / limit
-        tat = max(self._tat.get(key, now), now)
-        new_tat = tat + cost * interval
-        allow_at = new_tat - period_s
+    def _gcra(self, take: RateTake, now: float) -> tuple[float, float]:
+        """(seconds to wait, 0 when there is room; the TAT after taking)."""
+        tat = max(self._tat.get(take.key, now), now)
+        new_tat = tat + take.cost * (take.period_s / take.limit)
+        wait = new_tat - take.period_s - now
         # under 1 µs is float noise from summing intervals, not a wait (the Redis store agrees)
-        if allow_at - now > 1e-6:
-            return allow_at - now
-        self._tat[key] = new_tat
-        return 0.0
+        return (wait if wait > 1e-6 else 0.0), new_tat
+
+    async def acquire_rate(self, key: str, limit: float, period_s: float, cost: float = 1.0) -> float:
+        admission = await self.admit([RateTake(key, limit, period_s, cost)], [])
+        return admission.wait_s
+
+    async def admit(self, rates: Sequence[RateTake], quotas: Sequence[QuotaTake]) -> Admission:
+        now = self._clock()
+        tats: list[float] = []
+        used = tuple(self._quota(q.key) for q in quotas)
+        for i, take in enumerate(rates):
+            wait, new_tat = self._gcra(take, now)
+            if wait > 0:
+                return Admission(i, wait, used)
+            tats.append(new_tat)
+        for i, q in enumerate(quotas):
+            if used[i] + q.cost > q.limit:
+                return Admission(len(rates) + i, 0.0, used)
+        for take, new_tat in zip(rates, tats, strict=True):
+            self._tat[take.key] = new_tat
+        for q, before in zip(quotas, used, strict=True):
+            self._values["quota:" + q.key] = (str(before + q.cost).encode(), now + q.ttl_s)
+        return Admission(-1, 0.0, tuple(before + q.cost for q, before in zip(quotas, used, strict=True)))
 
     async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
         now = self._clock()
@@ -39,14 +58,6 @@ class MemoryStateStore:
     def _quota(self, key: str) -> int:
         value = self._live("quota:" + key)
         return int(value) if value is not None else 0
-
-    async def take_quota(self, key: str, limit: int, cost: int, ttl_s: float) -> tuple[bool, int]:
-        used = self._quota(key)
-        if used + cost > limit:
-            return False, used
-        used += cost
-        self._values["quota:" + key] = (str(used).encode(), self._clock() + ttl_s)
-        return True, used
 
     async def give_quota(self, key: str, delta: int, ttl_s: float) -> int:
         used = max(0, self._quota(key) + delta)
@@ -75,6 +86,9 @@ class MemoryStateStore:
         return value
 
     async def get(self, key: str) -> bytes | None:
+        return self._live(key)
+
+    async def get_cached(self, key: str) -> bytes | None:
         return self._live(key)
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:

@@ -3,7 +3,14 @@
 Every operation is one atomic command or Lua script, and every clock reading is Redis ``TIME``,
 so replicas agree on limits without trusting each other's clocks. Keys live under the configured
 prefix: ``{prefix}v:{key}`` values, ``{prefix}gcra:{key}`` rate limits, ``{prefix}quota:{key}``
-daily quotas, ``{prefix}win:{key}`` event windows (and ``lock:`` / ``flight:`` for :mod:`app.state.redis_channels`).
+daily quotas, ``{prefix}win:{key}`` event windows (and ``lock:`` / ``flight:`` for :mod:`app.state.redis_channels`,
+``cache:`` for :mod:`app.state.redis_cache`, the ``notices`` channel for :mod:`app.state.redis_watch`).
+
+Round trips are what a request pays for shared state, so the store spends few: an admission checks
+and takes every window of a budget in one script (:meth:`RedisStateStore.admit`); a settlement
+(``adjust_rate``) needs no answer and goes with the next admission, or alone ``ADJUST_DELAY_S``
+later; a write of a value publishes a notice in the same round trip, so values that rarely change
+(the breaker's records) are read from a local copy (``get_cached``) that the notices keep fresh.
 
 Outage handling: a connection error or timeout on any call switches the store to a fresh
 :class:`~app.state.memory.MemoryStateStore` — that call and the following ones are answered
@@ -23,11 +30,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -35,15 +43,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.pipeline.inflight import InflightCoordinator
 from app.pipeline.inflight_redis import RedisInflight
+from app.state.base import Admission, QuotaTake, RateTake
 from app.state.memory import MemoryStateStore
 from app.state.redis_cache import LayeredTier, RedisCacheTier
 from app.state.redis_channels import RedisChannels
+from app.state.redis_watch import RedisWatch
 from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
 if TYPE_CHECKING:
     from app.metrics import Metrics
 
-__all__ = ["OUTAGE_ERRORS", "RedisStateStore", "describe_url", "open_client"]
+__all__ = ["ADJUST_DELAY_S", "OUTAGE_ERRORS", "RedisStateStore", "describe_url", "open_client"]
 
 log = logging.getLogger("admiral.state")
 
@@ -59,30 +69,48 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# GCRA: the key holds the theoretical arrival time (TAT); it expires when the TAT passes, which is
-# exactly when it stops mattering. A wait under 1 µs (float noise at epoch scale) counts as none.
-_ACQUIRE = _NOW + """
-local limit, period, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + cost * (period / limit)
-local wait = new_tat - period - now
-if wait > 0.000001 then return string.format('%.6f', wait) end
-redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
-return '0'
-"""
-
-_ADJUST = _NOW + """
-local limit, period, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + delta * (period / limit)
-if new_tat <= now then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
+# An admission: settlements first (see adjust_rate), then every window is checked, then, when all
+# have room, every window takes its units. GCRA: a rate key holds the theoretical arrival time
+# (TAT); it expires when the TAT passes, which is exactly when it stops mattering. A wait under
+# 1 µs (float noise at epoch scale) counts as none. A quota key counts its window's units.
+# KEYS: settlements, rates, quotas; ARGV: their three counts, then 3 numbers for each of them.
+# Returns {refused (1-based, 0 = admitted), wait, each quota's units}.
+_ADMIT = _NOW + """
+local ns, nr, nq = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local function tat_of(key)
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then return now end
+  return tat
 end
-return 0
+local function keep(key, tat)
+  if tat <= now then redis.call('DEL', key)
+  else redis.call('SET', key, string.format('%.6f', tat), 'PX', math.max(1, math.ceil((tat - now) * 1000))) end
+end
+for i = 1, ns do
+  local a = 1 + 3 * i
+  keep(KEYS[i], tat_of(KEYS[i]) + tonumber(ARGV[a + 2]) * (tonumber(ARGV[a + 1]) / tonumber(ARGV[a])))
+end
+local tats, used = {}, {}
+for i = 1, nq do used[i] = tonumber(redis.call('GET', KEYS[ns + nr + i])) or 0 end
+for i = 1, nr do
+  local a = 1 + 3 * (ns + i)
+  local period = tonumber(ARGV[a + 1])
+  local tat = tat_of(KEYS[ns + i]) + tonumber(ARGV[a + 2]) * (period / tonumber(ARGV[a]))
+  local wait = tat - period - now
+  if wait > 0.000001 then return {i, string.format('%.6f', wait), unpack(used)} end
+  tats[i] = tat
+end
+for i = 1, nq do
+  local a = 1 + 3 * (ns + nr + i)
+  if used[i] + tonumber(ARGV[a + 1]) > tonumber(ARGV[a]) then return {nr + i, '0', unpack(used)} end
+end
+for i = 1, nr do keep(KEYS[ns + i], tats[i]) end
+for i = 1, nq do
+  local key, a = KEYS[ns + nr + i], 1 + 3 * (ns + nr + i)
+  used[i] = redis.call('INCRBY', key, tonumber(ARGV[a + 1]))
+  redis.call('PEXPIRE', key, ARGV[a + 2])
+end
+return {0, '0', unpack(used)}
 """
 
 # Sliding window: one member per event scored by its time; members are random so that two
@@ -96,22 +124,16 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
-# Fixed-window quota: the key counts the window's units and expires with it.
-_TAKE = """
-local limit, cost = tonumber(ARGV[1]), tonumber(ARGV[2])
-local used = tonumber(redis.call('GET', KEYS[1])) or 0
-if used + cost > limit then return {0, used} end
-used = redis.call('INCRBY', KEYS[1], cost)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1, used}
-"""
-
 _GIVE = """
 local used = (tonumber(redis.call('GET', KEYS[1])) or 0) + tonumber(ARGV[1])
 if used < 0 then used = 0 end
 redis.call('SET', KEYS[1], used, 'PX', ARGV[2])
 return used
 """
+
+
+#: how long a settlement (``adjust_rate``) waits for an admission to go with before it is sent alone
+ADJUST_DELAY_S = 0.05
 
 
 def describe_url(url: str) -> str:
@@ -155,16 +177,21 @@ class RedisStateStore:
         self._metrics = metrics
         self._probe_interval_s = probe_interval_s
         self._redis = open_client(url, timeout_s=timeout_s, connect_timeout_s=timeout_s)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._adjust = self._redis.register_script(_ADJUST)
+        self._admit = self._redis.register_script(_ADMIT)
         self._record = self._redis.register_script(_RECORD)
-        self._take = self._redis.register_script(_TAKE)
         self._give = self._redis.register_script(_GIVE)
         # None while Redis answers; the in-process stand-in during an outage
         self._fallback: MemoryStateStore | None = None
         self._outage_started = 0.0
+        # settlements not sent yet: the next admission carries them, or a flush ADJUST_DELAY_S after the first
+        self._settlements: list[RateTake] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[Admission]] = set()
         self._probe: asyncio.Task[None] | None = None
         self._channels: RedisChannels | None = None
+        self._cache: RedisCacheTier | None = None
+        #: copies of values and the shared cache's keys, kept fresh by notices (subscribes on first use)
+        self.watch = RedisWatch(url, prefix)
         if metrics is not None:
             metrics.state_degraded.set(0)
 
@@ -187,28 +214,59 @@ class RedisStateStore:
     def cache_tier(self, table: SqlCacheTier) -> CacheTier:
         """Redis (same server and key prefix, a client of its own) in front of ``table``, skipped while Redis is down."""
         client = open_client(self._url, timeout_s=0.5, connect_timeout_s=0.5)  # fails as fast as the state store
-        return LayeredTier(RedisCacheTier(client, self._prefix), table, self)
+        self._cache = RedisCacheTier(client, self._prefix)
+        return LayeredTier(self._cache, table, self)
+
+    def stored_key(self, key: str) -> str:
+        """The Redis key of ``key``'s entry in the shared cache (see :mod:`app.state.redis_cache`)."""
+        return self._prefix + "cache:" + key
+
+    def followed(self, stream: str) -> bool:
+        """Whether a replica follows the flight ``stream`` (see :meth:`RedisWatch.followed`)."""
+        return self.watch.followed(stream)
+
+    def take_writes(self) -> list[tuple[str, bytes, int]]:
+        """The shared cache's writes not sent yet, for a lease release to carry (see :class:`RedisCacheTier`)."""
+        return self._cache.take_writes() if self._cache is not None else []
 
     # -- StateStore --------------------------------------------------------------------------
 
     async def acquire_rate(self, key: str, limit: float, period_s: float, cost: float = 1.0) -> float:
-        async def remote() -> float:
-            return float(await self._acquire(keys=[self._prefix + "gcra:" + key], args=[limit, period_s, cost]))
-
-        return await self._call(remote, lambda m: m.acquire_rate(key, limit, period_s, cost))
+        admission = await self.admit([RateTake(key, limit, period_s, cost)], [])
+        return admission.wait_s
 
     async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
-        async def remote() -> None:
-            await self._adjust(keys=[self._prefix + "gcra:" + key], args=[limit, period_s, delta])
+        if self._fallback is not None:
+            await self._fallback.adjust_rate(key, limit, period_s, delta)
+            return
+        # a settlement needs no answer: it goes with the next admission instead of a round trip of its own
+        self._settlements.append(RateTake(key, limit, period_s, delta))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(ADJUST_DELAY_S, self._send_settlements)
 
-        await self._call(remote, lambda m: m.adjust_rate(key, limit, period_s, delta))
+    def _send_settlements(self) -> None:
+        self._flush = None
+        if self._settlements:
+            task = asyncio.get_running_loop().create_task(self.admit([], []), name="admiral-settle")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-    async def take_quota(self, key: str, limit: int, cost: int, ttl_s: float) -> tuple[bool, int]:
-        async def remote() -> tuple[bool, int]:
-            taken, used = await self._take(keys=[self._prefix + "quota:" + key], args=[limit, cost, _ms(ttl_s)])
-            return bool(taken), int(used)
+    async def admit(self, rates: Sequence[RateTake], quotas: Sequence[QuotaTake]) -> Admission:
+        settlements, self._settlements = self._settlements, []
+        if not (settlements or rates or quotas):
+            return Admission(-1, 0.0, ())
 
-        return await self._call(remote, lambda m: m.take_quota(key, limit, cost, ttl_s))
+        async def remote() -> Admission:
+            keys = [self._prefix + "gcra:" + t.key for t in (*settlements, *rates)] + [self._prefix + "quota:" + q.key for q in quotas]
+            args: list[float | int] = [len(settlements), len(rates), len(quotas)]
+            for t in (*settlements, *rates):
+                args += (t.limit, t.period_s, t.cost)
+            for q in quotas:
+                args += (q.limit, q.cost, _ms(q.ttl_s))
+            refused, wait, *used = await self._admit(keys=keys, args=args)
+            return Admission(int(refused) - 1, float(wait), tuple(int(u) for u in used))
+
+        return await self._call(remote, lambda m: m.admit(rates, quotas))
 
     async def give_quota(self, key: str, delta: int, ttl_s: float) -> int:
         async def remote() -> int:
@@ -236,14 +294,31 @@ class RedisStateStore:
 
         return await self._call(remote, lambda m: m.get(key))
 
+    async def get_cached(self, key: str) -> bytes | None:
+        """``get`` from a local copy that the other replicas' notices keep fresh (:mod:`app.state.redis_watch`)."""
+
+        async def fetch() -> tuple[bytes | None, float | None]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(self._prefix + "v:" + key)
+                pipe.pttl(self._prefix + "v:" + key)
+                value, pttl = await pipe.execute()
+            return value, (pttl / 1000 if pttl > 0 else None)
+
+        return await self._call(lambda: self.watch.get(key, fetch), lambda m: m.get(key))
+
+    def may_hold(self, key: str) -> bool:
+        """False when the shared cache surely lacks ``key`` (see :meth:`RedisWatch.may_hold`); True while degraded."""
+        return self._fallback is not None or self.watch.may_hold(key)
+
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         async def remote() -> None:
+            name = self._prefix + "v:" + key
             if ttl_s is None:
-                await self._redis.set(self._prefix + "v:" + key, value)
+                await self._noticed(key, lambda pipe: pipe.set(name, value))
             elif ttl_s <= 0:  # already expired: same as never stored
-                await self._redis.delete(self._prefix + "v:" + key)
+                await self._noticed(key, lambda pipe: pipe.delete(name))
             else:
-                await self._redis.set(self._prefix + "v:" + key, value, px=_ms(ttl_s))
+                await self._noticed(key, lambda pipe: pipe.set(name, value, px=_ms(ttl_s)))
 
         await self._call(remote, lambda m: m.set(key, value, ttl_s))
 
@@ -251,15 +326,24 @@ class RedisStateStore:
         async def remote() -> bool:
             if ttl_s <= 0:
                 return not await self._redis.exists(self._prefix + "v:" + key)
-            return bool(await self._redis.set(self._prefix + "v:" + key, value, px=_ms(ttl_s), nx=True))
+            return bool(await self._noticed(key, lambda pipe: pipe.set(self._prefix + "v:" + key, value, px=_ms(ttl_s), nx=True)))
 
         return await self._call(remote, lambda m: m.set_if_absent(key, value, ttl_s))
 
     async def delete(self, key: str) -> None:
         async def remote() -> None:
-            await self._redis.delete(self._prefix + "v:" + key, self._prefix + "win:" + key)
+            await self._noticed(key, lambda pipe: pipe.delete(self._prefix + "v:" + key, self._prefix + "win:" + key))
 
         await self._call(remote, lambda m: m.delete(key))
+
+    async def _noticed(self, key: str, write: Callable[[Pipeline], object]) -> object:
+        """``write``'s reply, the write and its notice to every replica sent in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            write(pipe)
+            pipe.publish(self.watch.channel, b"v:" + key.encode())
+            reply, _ = await pipe.execute()
+        self.watch.forget(key)
+        return reply
 
     async def ping(self) -> bool:
         """False while degraded, so readiness shows the outage even though requests are served."""
@@ -272,6 +356,13 @@ class RedisStateStore:
             return False
 
     async def aclose(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._settlements and self._fallback is None:
+            await self.admit([], [])
+        for task in list(self._background):
+            await task
         if self._probe is not None:
             self._probe.cancel()
             try:
@@ -281,6 +372,7 @@ class RedisStateStore:
             self._probe = None
         if self._channels is not None:
             await self._channels.aclose()
+        await self.watch.aclose()
         await self._redis.aclose()
 
     # -- outage handling ---------------------------------------------------------------------

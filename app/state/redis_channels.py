@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -50,6 +50,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.state.redis_watch import NOTICES
 
 __all__ = ["ChannelError", "ChannelUnavailable", "LeaderFailed", "LeaderLost", "RedisChannels", "StreamPublisher", "StreamTruncated"]
 
@@ -67,14 +69,61 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# Exact MAXLEN (not ~) so that trimming is visible to readers through the index gap.
+# Entries in one round trip. Exact MAXLEN (not ~) so that trimming is visible to readers through
+# the index gap. KEYS[1]: the stream; ARGV: maxlen, ttl, the first entry's index, then kind, data pairs.
 _APPEND = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'i', ARGV[3], 'k', ARGV[4], 'd', ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return id
+for i = 1, (#ARGV - 3) / 2 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'i', tonumber(ARGV[3]) + i - 1, 'k', ARGV[2 + 2 * i], 'd', ARGV[3 + 2 * i])
+end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# Lead or follow in one round trip: take the lease, or mark its flight as followed (so the leader
+# publishes to its stream: the flag for its last round trip, a notice for the chunks before) and
+# name its holder. A new leader also learns whether ``KEYS[2]`` (the
+# flight's answer in the shared cache) exists: the flight before may have ended a moment ago.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, ARGV[1], redis.call('EXISTS', KEYS[2])}
+end
+local holder = redis.call('GET', KEYS[1])
+local stream = ARGV[3] .. holder
+redis.call('SET', stream .. ':w', '1', 'PX', ARGV[4])
+redis.call('PUBLISH', ARGV[5], 'f:' .. stream)
+return {0, holder, 0}
+"""
+
+# The leader's last round trip: the last entries (to the stream when it was followed or has begun),
+# the shared writes, then the lease released. KEYS: lock, stream, followed flag, written keys;
+# ARGV: token, maxlen, stream ttl, first index, whether the stream has begun, entry count, the
+# entries' kind and data, each written key's value and PX, then the channel their notice goes to
+# (app.state.redis_watch).
+_FINISH = """
+local n = tonumber(ARGV[6])
+local published = 0
+if ARGV[5] == '1' or redis.call('EXISTS', KEYS[3]) == 1 then
+  for i = 1, n do
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'i', tonumber(ARGV[4]) + i - 1, 'k', ARGV[5 + 2 * i], 'd', ARGV[6 + 2 * i])
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  published = 1
+end
+redis.call('DEL', KEYS[3])
+local a = 7 + 2 * n
+local written = {}
+for i = 4, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[a], 'PX', ARGV[a + 1])
+  written[#written + 1] = KEYS[i]
+  a = a + 2
+end
+if #written > 0 then redis.call('PUBLISH', ARGV[a], 'c:' .. table.concat(written, ' ')) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return published
 """
 
 _CHUNK, _END, _ERROR = b"chunk", b"end", b"error"
+#: kinds of entries, for :meth:`RedisChannels.finish`
+CHUNK, END, ERROR = _CHUNK, _END, _ERROR
 
 
 class ChannelError(Exception):
@@ -120,6 +169,8 @@ class RedisChannels:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._append = client.register_script(_APPEND)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "admiral:", *, poll_s: float = 0.25, **kwargs: Any) -> RedisChannels:
@@ -162,6 +213,36 @@ class RedisChannels:
         """Drop the lease if ``token`` still holds it (never someone else's)."""
         return bool(await self._io(self._release(keys=[self.lock_key(key)], args=[token])))
 
+    async def claim(self, key: str, ttl_s: float, stored_key: str) -> tuple[str | None, str | None, bool]:
+        """Lead or follow in one round trip: (this lease's token, None, whether ``stored_key`` exists) when
+        it was free, else (None, the holder's token, False); a follower's claim makes the leader publish."""
+        token = secrets.token_hex(8)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        args = [token, ttl_ms, f"{self._prefix}flight:{key}:", self._stream_ttl_ms, self._prefix + NOTICES]
+        won, holder, stored = await self._io(self._claim(keys=[self.lock_key(key), stored_key], args=args))
+        if won:
+            return token, None, bool(stored)
+        return None, holder.decode(), False
+
+    async def finish(
+        self, publisher: StreamPublisher, key: str, token: str, entries: Sequence[tuple[bytes, bytes]], writes: Sequence[tuple[str, bytes, int]] = ()
+    ) -> bool:
+        """The leader's last round trip: ``entries`` to the stream (when a follower claimed or it has
+        begun), ``writes`` (key, value, PX ms) stored, the lease released. True when it published."""
+        stream = publisher.stream
+        args: list[bytes | str | int] = [token, self._maxlen, self._stream_ttl_ms, publisher.index, 1 if publisher.index else 0, len(entries)]
+        for kind, data in entries:
+            args += (kind, data)
+        for _, value, px in writes:
+            args += (value, px)
+        args.append(self._prefix + NOTICES)
+        keys = [self.lock_key(key), stream, stream + ":w", *(w[0] for w in writes)]
+        publisher.closed = True
+        published = bool(await self._io(self._finish(keys=keys, args=args)))
+        if published:
+            publisher.index += len(entries)
+        return published
+
     async def holder(self, key: str) -> str | None:
         """The token of the current lease on ``key``, or None."""
         value = await self._io(self._redis.get(self.lock_key(key)))
@@ -187,8 +268,15 @@ class RedisChannels:
         """The leader's writer for the flight ``token`` on ``key``."""
         return StreamPublisher(self, self.stream_key(key, token))
 
-    async def _publish(self, stream: str, index: int, kind: bytes, data: bytes) -> None:
-        await self._io(self._append(keys=[stream], args=[self._maxlen, self._stream_ttl_ms, index, kind, data]))
+    async def append(self, publisher: StreamPublisher, entries: Sequence[tuple[bytes, bytes]]) -> None:
+        """Publish ``entries`` (kind, data) after those ``publisher`` has sent, in one round trip."""
+        if publisher.closed:
+            raise RuntimeError("flight stream already ended")
+        args: list[bytes | int] = [self._maxlen, self._stream_ttl_ms, publisher.index]
+        for kind, data in entries:
+            args += (kind, data)
+        await self._io(self._append(keys=[publisher.stream], args=args))
+        publisher.index += len(entries)
 
     async def read(self, key: str, token: str, *, idle_timeout_s: float | None = None) -> AsyncGenerator[bytes, None]:
         """Every chunk of the flight from the first one, then live ones, until the end marker.
@@ -246,8 +334,9 @@ class StreamPublisher:
 
     def __init__(self, channels: RedisChannels, stream: str) -> None:
         self._channels = channels
-        self._stream = stream
-        self._index = 0
+        self.stream = stream
+        #: entries published so far
+        self.index = 0
         self.closed = False
 
     async def send(self, data: bytes) -> None:
@@ -264,7 +353,4 @@ class StreamPublisher:
         self.closed = True
 
     async def _write(self, kind: bytes, data: bytes) -> None:
-        if self.closed:
-            raise RuntimeError("flight stream already ended")
-        await self._channels._publish(self._stream, self._index, kind, data)
-        self._index += 1
+        await self._channels.append(self, [(kind, data)])
