@@ -12,8 +12,6 @@ replicas through that table: each replica reads the rows the others add.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import re
@@ -29,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.pipeline.base import CHAT, ModelRequest, RequestContext
 from app.pipeline.cache_key import NEUTRAL_FIELDS
 from app.storage.models import SemanticEntry
+from app.storage.write_behind import WriteBehind
 
 log = logging.getLogger("admiral.semantic")
 
@@ -167,28 +166,27 @@ class SemanticIndex:
         self._db = db
         self._max_entries = max_entries
         self._ttl_s = ttl_s
-        self._sync_interval_s = sync_interval_s
         #: scope -> cache key -> entry (insertion order: the oldest first)
         self._scopes: dict[str, OrderedDict[str, Entry]] = {}
         self._order: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pending: list[dict[str, Any]] = []
         self._last_id = 0
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        # a failed round is tried again after one sync interval
+        self._writer = WriteBehind(
+            self._sync, name="admiral-semantic-index", interval_s=sync_interval_s, backoff_s=sync_interval_s, max_backoff_s=sync_interval_s
+        )
+        self._swept = 0.0
 
     def __len__(self) -> int:
         return len(self._order)
 
     async def start(self) -> None:
         await self._read_new(initial=True)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="admiral-semantic-index")
+        self._swept = time.monotonic()
+        self._writer.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._writer.stop()
         await self._flush()
 
     def nearest(self, scope: str, vector: Any, threshold: float, wanted: Features) -> Match | None:
@@ -219,7 +217,7 @@ class SemanticIndex:
         self._pending.append(
             {"scope": scope, "cache_key": cache_key, "vector": vector.numpy().tobytes(), "features": wanted.encode(), "created_at": time.time(), "expires_at": expires_at}
         )
-        self._wake.set()
+        self._writer.wake()
 
     def forget(self, scope: str, cache_key: str) -> None:
         """Drop an entry whose answer left the exact cache."""
@@ -240,22 +238,19 @@ class SemanticIndex:
                 if not bucket:
                     del self._scopes[old_scope]
 
-    async def _run(self) -> None:
-        swept = time.monotonic()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._sync_interval_s)
-            self._wake.clear()
-            try:
-                await self._flush()
-                await self._read_new()
-                if time.monotonic() - swept > 60:
-                    swept = time.monotonic()
-                    async with self._db.begin() as conn:
-                        await conn.execute(delete(SemanticEntry).where(SemanticEntry.expires_at <= time.time()))
-            except Exception as exc:  # the database may come back; the in-process index goes on
-                log.warning("semantic index: database work failed, will retry: %s: %s", type(exc).__name__, str(exc)[:200])
-                await asyncio.sleep(self._sync_interval_s)
+    async def _sync(self) -> bool:
+        """Write what was added here, read what the other replicas added, sweep once a minute."""
+        try:
+            await self._flush()
+            await self._read_new()
+            if time.monotonic() - self._swept > 60:
+                self._swept = time.monotonic()
+                async with self._db.begin() as conn:
+                    await conn.execute(delete(SemanticEntry).where(SemanticEntry.expires_at <= time.time()))
+        except Exception as exc:  # the database may come back; the in-process index goes on
+            log.warning("semantic index: database work failed, will retry: %s: %s", type(exc).__name__, str(exc)[:200])
+            return False
+        return True
 
     async def _flush(self) -> None:
         rows, self._pending = self._pending, []

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.metrics import Metrics
 from app.storage.db import BulkInsert, writing
 from app.storage.models import RequestLog
+from app.storage.write_behind import WriteBehind
 
 log = logging.getLogger("admiral.request_log")
 
@@ -61,24 +62,21 @@ class RequestLogWriter:
     ) -> None:
         self._engine = engine
         self._metrics = metrics
-        # SQLite: batches skip SQLAlchemy's per-value processing, which would run on the event loop
-        self._bulk = BulkInsert(insert(TABLE), engine.dialect, _INSERTED) if engine.dialect.name == "sqlite" else None
+        # batches skip SQLAlchemy's per-value processing, which would run on the event loop (measured
+        # on PostgreSQL, batches of 30 rows: 18 µs of CPU a row against 24)
+        self._bulk = BulkInsert(insert(TABLE), engine.dialect, _INSERTED) if engine.dialect.name in ("sqlite", "postgresql") else None
         # a deque, not an asyncio.Queue: only this loop touches it and nobody waits on it
         self._queue: deque[dict[str, Any]] = deque()
         self._queue_size = queue_size
         self._batch_size = batch_size
         self._retention_days = retention_days
-        self._flush_interval_s = flush_interval_s
         self._prune_interval_s = prune_interval_s
         self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
         self._drop_log_interval_s = drop_log_interval_s
         self._clock = clock
         self._batch: list[dict[str, Any]] = []  # taken off the queue, not yet written
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._writer = WriteBehind(self._drain, name="request-log-writer", interval_s=flush_interval_s, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self._pruner: asyncio.Task[None] | None = None
         self._dropped_since_log = 0
         self._last_drop_log = float("-inf")
         self.written = 0
@@ -93,7 +91,7 @@ class RequestLogWriter:
             return
         queue.append(row)
         if len(queue) >= self._batch_size:
-            self._wake.set()
+            self._writer.wake()
 
     def _dropped(self, count: int) -> None:
         self._metrics.log_dropped.inc(count)
@@ -112,25 +110,19 @@ class RequestLogWriter:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._run(), name="request-log-writer"))
+        self._writer.start()
         if self._retention_days:
-            self._tasks.append(asyncio.create_task(self._prune_loop(), name="request-log-retention"))
+            self._pruner = asyncio.create_task(self._prune_loop(), name="request-log-retention")
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Write what is left, then stop; gives up (and says how many rows) after ``timeout_s``."""
-        self._closing = True
-        self._wake.set()
-        self._stop.set()
         deadline = self._clock() + timeout_s
-        if self._tasks:
-            # the writer finishes its current insert rather than being cancelled halfway through it
-            await asyncio.wait(self._tasks[:1], timeout=timeout_s)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        await self._writer.stop(timeout_s)
+        if self._pruner is not None:
+            self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+                await self._pruner
+            self._pruner = None
         before = self.written
         while self.pending:
             self._fill()
@@ -150,29 +142,18 @@ class RequestLogWriter:
         while len(self._batch) < self._batch_size and self._queue:
             self._batch.append(self._queue.popleft())
 
-    async def _run(self) -> None:
-        backoff = self._backoff_s
-        while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                # a timeout, not wait_for: waiting must not create a task each round
-                async with asyncio.timeout(self._flush_interval_s):
-                    await self._wake.wait()
-            self._wake.clear()
-            while not self._closing:
-                self._fill()
-                if not self._batch:
-                    break
-                if not await self._write(self._batch):
-                    # keep the batch; new rows wait in the queue (and overflow is counted) meanwhile
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(backoff):
-                            await self._stop.wait()
-                    backoff = min(backoff * 2, self._max_backoff_s)
-                    break
-                self._batch = []
-                backoff = self._backoff_s
-                if len(self._queue) < self._batch_size:
-                    break
+    async def _drain(self) -> bool:
+        """Write full batches while there are some (what is queued at least once); False when the database failed."""
+        while not self._writer.stopping:
+            self._fill()
+            if not self._batch:
+                break
+            if not await self._write(self._batch):
+                return False  # the batch is kept; new rows wait in the queue (and overflow is counted) meanwhile
+            self._batch = []
+            if len(self._queue) < self._batch_size:
+                break
+        return True
 
     async def _write(self, rows: list[dict[str, Any]]) -> bool:
         """Insert ``rows``; False (rows kept) when the database failed, True when done with them."""

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.storage.models import StoredResponse
+from app.storage.write_behind import WriteBehind
 
 log = logging.getLogger("admiral.responses")
 
@@ -80,16 +81,14 @@ class ResponseStore:
         self._max_pending = max_pending
         self._prune_interval_s = prune_interval_s
         self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
         self._clock = clock
         #: accepted, not yet in the table (reads find them here)
         self._pending: dict[str, StoredRecord] = {}
         #: ids deleted while their insert was on its way: deleted again once it has landed
         self._deleted_in_flight: set[str] = set()
         self._writing: set[str] = set()
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._writer = WriteBehind(self._flush, name="stored-responses-writer", backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self._pruner: asyncio.Task[None] | None = None
         self.dropped = 0
         #: writes the database refused (each retried)
         self.failures = 0
@@ -103,7 +102,7 @@ class ResponseStore:
             log.warning("stored responses: %d waiting to be written; response %s not stored (the database is slow or down)", len(self._pending), record.id)
             return
         self._pending[record.id] = record
-        self._wake.set()
+        self._writer.wake()
 
     async def get(self, response_id: str, agent: str) -> StoredRecord | None:
         """The response ``response_id`` if ``agent`` stored it (another agent's is as good as absent)."""
@@ -133,23 +132,18 @@ class ResponseStore:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._run(), name="stored-responses-writer"))
+        self._writer.start()
         if self._retention_days:
-            self._tasks.append(asyncio.create_task(self._prune_loop(), name="stored-responses-retention"))
+            self._pruner = asyncio.create_task(self._prune_loop(), name="stored-responses-retention")
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
         """Write what waits (giving up after ``timeout_s``), then stop."""
-        self._closing = True
-        self._wake.set()
-        if self._tasks:
-            # the writer finishes the batch it is writing rather than being cancelled halfway through it
-            await asyncio.wait(self._tasks[:1], timeout=timeout_s)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        await self._writer.stop(timeout_s)
+        if self._pruner is not None:
+            self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+                await self._pruner
+            self._pruner = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while self._pending and not await self._flush():
@@ -158,18 +152,6 @@ class ResponseStore:
             log.error("stored responses: database unreachable at shutdown; %d response(s) not stored", len(self._pending))
 
     # -- the background side ----------------------------------------------------------------
-
-    async def _run(self) -> None:
-        backoff = self._backoff_s
-        while not self._closing:
-            await self._wake.wait()
-            self._wake.clear()
-            if await self._flush():
-                backoff = self._backoff_s
-            else:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._max_backoff_s)
-                self._wake.set()
 
     async def _flush(self) -> bool:
         """Insert what is pending; False (kept for a retry) when the database failed."""
