@@ -1,6 +1,6 @@
 """CPU time, system calls and context switches per request, kernel included, from ``perf stat``.
 
-``python bench/cpu_per_request.py [--hits] [--connections 50] [--rounds 2] [--passthrough] [--tree PATH ...]``
+``python bench/cpu_per_request.py [--hits] [--connections 50] [--rounds 2] [--passthrough] [--shared] [--tree PATH ...]``
 
 Throughput on this VM drifts by ±20 %; the CPU a server spends per request (all its threads,
 user and kernel time) drifts far less, and unlike callgrind's instruction counts
@@ -27,6 +27,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import servers
+import shared
 import tools
 from load import Workload, WrkResult, wrk
 from procs import Server, free_port
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per server, interleaved (default 2)")
     parser.add_argument("--passthrough", action="store_true", help="also measure the FastAPI + aiohttp passthrough")
+    parser.add_argument("--shared", action="store_true", help="the gateway on Redis + PostgreSQL (as run.py --shared starts it)")
     parser.add_argument("--tree", action="append", default=[], type=Path, help="a checkout of this repository to measure (repeatable)")
     return parser.parse_args(argv)
 
@@ -62,12 +64,18 @@ def measure(server: Server, work: Workload, connections: int, cpus: str | None, 
     load.start()
     time.sleep(1.5)
     before = requests_served(server.port) if gateway else 0.0
-    stat = subprocess.run(["perf", "stat", "-x", ",", "-e", EVENTS, "-p", str(server.proc.pid), "--", "sleep", str(WINDOW_S)], capture_output=True, text=True, check=True)
+    stat = subprocess.run(
+        ["perf", "stat", "-x", ",", "-e", EVENTS, "-p", str(server.proc.pid), "--", "sleep", str(WINDOW_S)], capture_output=True, text=True, check=True
+    )
     after = requests_served(server.port) if gateway else 0.0
     load.join()
     rate = done[0].requests / done[0].seconds
     served = after - before if gateway else rate * WINDOW_S
-    counts = {line.split(",")[2]: float(line.split(",")[0]) for line in stat.stderr.splitlines() if line.count(",") >= 2 and line.split(",")[0].replace(".", "").isdigit()}
+    counts = {
+        line.split(",")[2]: float(line.split(",")[0])
+        for line in stat.stderr.splitlines()
+        if line.count(",") >= 2 and line.split(",")[0].replace(".", "").isdigit()
+    }
     cpu_us = counts["task-clock"] * 1000 / served  # task-clock is in ms
     return f"{cpu_us:7.1f} µs CPU, {counts['raw_syscalls:sys_enter'] / served:5.2f} syscalls, {counts['context-switches'] / served:5.2f} switches per request; wrk {rate:,.0f} req/s"
 
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                     command = tools.tree_command(workdir, Path(label), f"tree-{i}") if args.tree else tools.gateway_command()
                     if command is None:
                         sys.exit("bench: admiral-optimizer is not installed (pip install -e .) and no --tree was given")
-                    server = servers.gateway(command, workdir, upstream.port, plan.server, name=f"gateway-{i}")
+                    start = shared.gateway if args.shared else servers.gateway
+                    server = start(command, workdir, upstream.port, plan.server, name=f"gateway-{i}")
                     work = Workload("bench", not args.hits, servers.GATEWAY_KEY)
                 with server:
                     line = measure(server, work, args.connections, plan.load, gateway=label != "passthrough")

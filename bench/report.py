@@ -16,16 +16,20 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Target:
-    """A ratio of two figures of the same run and the bound it must meet."""
+    """A ratio of two figures of the same run (or one figure: ``denominator`` None) and the bound it must meet."""
 
     name: str
     numerator: str
-    denominator: str
+    denominator: str | None
     bound: float
     at_least: bool
 
     def ratio(self, figures: dict[str, float]) -> float | None:
-        if self.numerator not in figures or not figures.get(self.denominator):
+        if self.numerator not in figures:
+            return None
+        if self.denominator is None:
+            return figures[self.numerator]
+        if not figures.get(self.denominator):
             return None
         return figures[self.numerator] / figures[self.denominator]
 
@@ -43,12 +47,21 @@ TARGETS = (
     Target("streams: gateway / passthrough chunks relayed", "stream_gateway_chunks_per_s", "stream_passthrough_chunks_per_s", 0.7, True),
     # RSS growth is last / first - 1 < 10 %, i.e. last / first < 1.10
     Target("RSS: after last mark / after first mark", "rss_last_mb", "rss_first_mb", 1.10, False),
+    # issue 21: one replica on Redis + PostgreSQL against the embedded default (run.py --shared)
+    Target("shared: misses, shared / embedded throughput", "shared_rps", "shared_embedded_rps", 0.6, True),
+    Target("shared: hits, shared / embedded throughput", "shared_hits_rps", "shared_embedded_hits_rps", 0.8, True),
+    Target("shared: misses p99.9 / p99", "shared_rps_p999_ms", "shared_rps_p99_ms", 3.0, False),
+    Target("shared: hits p99.9 / p99", "shared_hits_rps_p999_ms", "shared_hits_rps_p99_ms", 3.0, False),
+    Target("shared: Redis round trips per miss", "shared_redis_trips_per_miss", None, 3.0, False),
+    Target("shared: Redis round trips per hit", "shared_redis_trips_per_hit", None, 1.0, False),
 )
 
 INFO = (
     ("stream TTFB: gateway / passthrough", "ttfb_gateway_ms", "ttfb_passthrough_ms"),
     ("stream TTFB: gateway / direct", "ttfb_gateway_ms", "ttfb_direct_ms"),
     ("workers: 2 / 1 throughput", "gateway_2w_rps", "gateway_1w_rps"),
+    ("shared: embedded misses p99.9 / p99", "shared_embedded_rps_p999_ms", "shared_embedded_rps_p99_ms"),
+    ("shared: embedded hits p99.9 / p99", "shared_embedded_hits_rps_p999_ms", "shared_embedded_hits_rps_p99_ms"),
 )
 
 
@@ -64,7 +77,7 @@ def ratios(figures: dict[str, float], rounds: dict[str, list[float]] | None = No
         value = t.ratio(figures)
         if value is not None:
             row = {"name": t.name, "ratio": round(value, 3), "target": t.says(), "met": t.met(value)}
-            num, den = (rounds or {}).get(t.numerator), (rounds or {}).get(t.denominator)
+            num, den = (rounds or {}).get(t.numerator), (rounds or {}).get(t.denominator or "")
             if num and den and len(num) == len(den) > 1 and all(den):
                 paired = [n / d for n, d in zip(num, den, strict=True)]
                 row["per_round"] = [round(r, 3) for r in paired]
@@ -105,11 +118,25 @@ def machine(cpu_plan: str) -> dict[str, Any]:
 
 
 def write(
-    path: Path, settings: dict[str, Any], info: dict[str, Any], figures: dict[str, float], rows: list[dict[str, Any]], warnings: list[str], rounds: dict[str, list[float]]
+    path: Path,
+    settings: dict[str, Any],
+    info: dict[str, Any],
+    figures: dict[str, float],
+    rows: list[dict[str, Any]],
+    warnings: list[str],
+    rounds: dict[str, list[float]],
 ) -> None:
     """``path`` as JSON (with every round's values), and the figures as Markdown beside it (``.md``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "settings": settings, "figures": figures, "rounds": rounds, "ratios": rows, "warnings": warnings}
+    doc = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": info,
+        "settings": settings,
+        "figures": figures,
+        "rounds": rounds,
+        "ratios": rows,
+        "warnings": warnings,
+    }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(info, figures, rows, warnings))
 
@@ -133,6 +160,20 @@ LABELS = {
     "rss_start_mb": ("gateway RSS at start", "MiB"),
     "rss_first_mb": ("gateway RSS after the first mark", "MiB"),
     "rss_last_mb": ("gateway RSS after the last mark", "MiB"),
+    "shared_embedded_rps": ("embedded gateway, cache misses, c=50 (shared mode's run)", "req/s"),
+    "shared_rps": ("shared gateway (Redis + PostgreSQL), cache misses, c=50", "req/s"),
+    "shared_embedded_hits_rps": ("embedded gateway, cache hits, c=50 (shared mode's run)", "req/s"),
+    "shared_hits_rps": ("shared gateway (Redis + PostgreSQL), cache hits, c=50", "req/s"),
+    "shared_rps_p99_ms": ("shared gateway, misses p99", "ms"),
+    "shared_rps_p999_ms": ("shared gateway, misses p99.9", "ms"),
+    "shared_embedded_rps_p99_ms": ("embedded gateway, misses p99", "ms"),
+    "shared_embedded_rps_p999_ms": ("embedded gateway, misses p99.9", "ms"),
+    "shared_redis_trips_per_miss": ("shared gateway, Redis round trips per miss", ""),
+    "shared_redis_trips_per_hit": ("shared gateway, Redis round trips per hit", ""),
+    "shared_redis_commands_per_miss": ("shared gateway, Redis commands per miss", ""),
+    "shared_redis_commands_per_hit": ("shared gateway, Redis commands per hit", ""),
+    "shared_pg_transactions_per_miss": ("shared gateway, PostgreSQL transactions per miss", ""),
+    "shared_pg_transactions_per_hit": ("shared gateway, PostgreSQL transactions per hit", ""),
 }
 
 

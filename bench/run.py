@@ -21,6 +21,8 @@ sys.path.insert(0, str(BENCH))
 import tools
 
 SCENARIOS = ("baselines", "gateway", "stream", "workers", "rss", "stalls")
+#: run only when asked for (``--shared`` or ``--only shared``): it needs Redis and PostgreSQL
+EXTRA_SCENARIOS = ("shared",)
 #: share of CPU time busy with no benchmark running above which the figures are not trustworthy
 BUSY = 0.10
 
@@ -34,18 +36,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the baseline and gateway runs, figures are medians (default 5, --quick 3)")
     p.add_argument("--stall-duration", type=float, default=60.0, help="seconds of each run of the stalls scenario (default 60)")
     p.add_argument("--quick", action="store_true", help="3 rounds, and RSS marks at 2k/20k requests instead of 10k/100k")
-    p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SCENARIOS + EXTRA_SCENARIOS)} (default: all but shared)")
+    p.add_argument(
+        "--shared",
+        action="store_true",
+        help="the gateway on Redis + PostgreSQL beside the embedded one (issue 21); alone, or with the scenarios --only names",
+    )
     p.add_argument("--skip-gateway", action="store_true", help="baselines only (no admiral-optimizer needed)")
     p.add_argument("--gateway-tree", type=Path, default=None, help="run the gateway from this checkout (on PYTHONPATH) instead of the installed one")
     p.add_argument("--no-install", action="store_true", help="never apt-get or pip install anything")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "latest.json", help="results file")
     args = p.parse_args(argv)
+    if args.only is None:
+        args.only = "shared" if args.shared else ",".join(SCENARIOS)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.shared and "shared" not in args.only:
+        args.only.append("shared")
     if args.rounds is None:
         args.rounds = 3 if args.quick else 5
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    unknown = set(args.only) - set(SCENARIOS)
+    unknown = set(args.only) - set(SCENARIOS + EXTRA_SCENARIOS)
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     if args.skip_gateway:
@@ -97,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             import stalls
 
             stalls.run(bench, args.stall_duration)
+        if "shared" in args.only:
+            import shared
+
+            shared.run(bench)
     busy_after = busy_fraction()
 
     bench.ceiling_check()

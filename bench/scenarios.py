@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from upstream import STREAM_PATH
 CEILINGS = {"_rps": "wrk_ceiling_rps", "_chunks_per_s": "stream_ceiling_chunks_per_s"}
 #: unmeasured streams before a TTFB median (first round only)
 TTFB_WARMUP = 20
+#: one measured run: (figure, label, server name, workload, connections)
+Run = tuple[str, str, str, Workload, int]
 
 
 @dataclass
@@ -113,6 +116,19 @@ class Bench:
                 if ceiling and key.endswith(suffix) and key != ceiling_key and value > 0.5 * ceiling:
                     self.warnings.append(f"{key} is over half the load generator ceiling ({ceiling_key}); the load generator may be the limit")
 
+    def interleave(self, runs: Sequence[Run], up: dict[str, Server]) -> None:
+        """Each run once a round, ``--rounds`` rounds; a figure is the median of its rounds, its tail beside it."""
+        samples: dict[str, list[float]] = {}
+        for round_number in range(self.rounds):
+            for key, _, name, work, connections in runs:
+                samples.setdefault(key, []).append(self.measure(key, up[name], work, connections, warm=round_number == 0))
+        self.rounds_seen.update({key: [round(v, 3) for v in values] for key, values in samples.items()})
+        for key, label, *_ in runs:
+            values = samples[key]
+            note = f"median of {len(values)}, {min(values):.2f} to {max(values):.2f}"
+            self.record(key, statistics.median(values), _unit(key), label, note)
+            self.record_tail(key, label)
+
     def _gateway(self, cpus: str | None, workers: int = 1, name: str = "gateway") -> Server:
         assert self.gateway_cmd is not None
         return servers.gateway(self.gateway_cmd, self.workdir, self.upstream_port, cpus, workers, name)
@@ -158,31 +174,32 @@ class Bench:
                     self.warnings.append(f"gateway: a repeated request answered x-admiral-cache: {cache}")
             # (figure, label, server, workload, connections): each baseline run next to its gateway run
             plain = (
-                (("passthrough_rps", f"passthrough, unique prompts, c={c}", "passthrough", misses, c),
-                 ("gateway_rps", f"gateway, unique prompts (cache misses), c={c}", "gateway", gw_misses, c)),
-                (("constant_rps", f"constant endpoint, c={c}", "constant", Workload("bench", unique=False), c),
-                 ("gateway_hits_rps", f"gateway, one fixed prompt (cache hits), c={c}", "gateway", gw_hits, c)),
-                (("passthrough_c1_p50_ms", "passthrough, c=1 p50", "passthrough", misses, 1),
-                 ("gateway_c1_p50_ms", "gateway, c=1 p50 (misses)", "gateway", gw_misses, 1)),
+                (
+                    ("passthrough_rps", f"passthrough, unique prompts, c={c}", "passthrough", misses, c),
+                    ("gateway_rps", f"gateway, unique prompts (cache misses), c={c}", "gateway", gw_misses, c),
+                ),
+                (
+                    ("constant_rps", f"constant endpoint, c={c}", "constant", Workload("bench", unique=False), c),
+                    ("gateway_hits_rps", f"gateway, one fixed prompt (cache hits), c={c}", "gateway", gw_hits, c),
+                ),
+                (
+                    ("passthrough_c1_p50_ms", "passthrough, c=1 p50", "passthrough", misses, 1),
+                    ("gateway_c1_p50_ms", "gateway, c=1 p50 (misses)", "gateway", gw_misses, 1),
+                ),
             )
             streamed = (
-                (("stream_passthrough_chunks_per_s", f"passthrough, streams relayed, c={c}", "passthrough", streams, c),
-                 ("stream_gateway_chunks_per_s", f"gateway, streams relayed (cache misses), c={c}", "gateway", gw_streams, c)),
-                (("ttfb_passthrough_ms", "passthrough, stream TTFB c=1 (median)", "passthrough", streams, 1),
-                 ("ttfb_gateway_ms", "gateway, stream TTFB c=1 (median, misses)", "gateway", gw_streams, 1)),
+                (
+                    ("stream_passthrough_chunks_per_s", f"passthrough, streams relayed, c={c}", "passthrough", streams, c),
+                    ("stream_gateway_chunks_per_s", f"gateway, streams relayed (cache misses), c={c}", "gateway", gw_streams, c),
+                ),
+                (
+                    ("ttfb_passthrough_ms", "passthrough, stream TTFB c=1 (median)", "passthrough", streams, 1),
+                    ("ttfb_gateway_ms", "gateway, stream TTFB c=1 (median, misses)", "gateway", gw_streams, 1),
+                ),
             )
             sides = [(plain, with_baselines, with_gateway), (streamed, with_stream, with_stream)]
             runs = [run for pairs, base_on, gw_on in sides for base, gw in pairs for run, on in ((base, base_on), (gw, gw_on)) if on]
-            samples: dict[str, list[float]] = {}
-            for round_number in range(self.rounds):
-                for key, _, name, work, connections in runs:
-                    samples.setdefault(key, []).append(self.measure(key, up[name], work, connections, warm=round_number == 0))
-            self.rounds_seen.update({key: [round(v, 3) for v in values] for key, values in samples.items()})
-            for key, label, *_ in runs:
-                values = samples[key]
-                note = f"median of {len(values)}, {min(values):.2f} to {max(values):.2f}"
-                self.record(key, statistics.median(values), _unit(key), label, note)
-                self.record_tail(key, label)
+            self.interleave(runs, up)
         if with_stream:
             direct = stream_load(self.upstream_port, streams, connections=1, requests=self.ttfb_requests, warmup=TTFB_WARMUP)
             self.record("ttfb_direct_ms", direct.ttfb_p50_ms, "ms", f"stream TTFB direct to nginx (median of {direct.streams})")

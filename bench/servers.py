@@ -51,9 +51,19 @@ def constant(workdir: Path, cpus: str | None) -> Server:
 
 
 def gateway(
-    command: str, workdir: Path, upstream_port: int, cpus: str | None, workers: int = 1, name: str = "gateway", database_url: str | None = None
+    command: str,
+    workdir: Path,
+    upstream_port: int,
+    cpus: str | None,
+    workers: int = 1,
+    name: str = "gateway",
+    database_url: str | None = None,
+    state_url: str = "memory://",
 ) -> Server:
-    """``admiral-optimizer serve --config bench/gateway.yaml`` on a fresh SQLite file in ``workdir``, or on ``database_url`` (emptied by the caller)."""
+    """``admiral-optimizer serve --config bench/gateway.yaml`` on a fresh SQLite file in ``workdir``, or on ``database_url``.
+
+    ``database_url`` and ``state_url`` (a Redis for the shared mode) are emptied by the caller.
+    """
     port = free_port()
     db_dir = workdir / name
     db_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +75,7 @@ def gateway(
         "BENCH_GATEWAY_KEY": GATEWAY_KEY,
         "BENCH_ADMIN_KEY": "bench-admin-key-0123456789",
         "BENCH_DATABASE_URL": database_url or f"sqlite+aiosqlite:///{db_dir}/admiral.db",
+        "BENCH_STATE_URL": state_url,
     }
     config = str(BENCH / "gateway.yaml")
     log = workdir / f"{name}.log"
