@@ -61,3 +61,13 @@ class ChatCompletionChunk(TypedDict):
     choices: list[ChunkChoice]
     usage: NotRequired[Usage | None]
     system_fingerprint: NotRequired[str | None]
+
+
+class RawChunk(dict):  # type: ignore[type-arg]
+    """A chunk as parsed from a provider's event, with the event's JSON bytes (``raw``): a client
+    that gets the chunk as sent is written those bytes, not a second encoding of them. Whoever
+    changes a chunk makes a new dict (as every layer does), so the bytes always say what it says."""
+
+    __slots__ = ("raw",)
+
+    raw: bytes

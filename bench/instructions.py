@@ -1,6 +1,6 @@
 """Instructions per request under callgrind: a repeatable figure for A/B changes on a noisy machine.
 
-``python bench/instructions.py [--requests 1000] [--hits] [--tree PATH ...] [--passthrough] [--constant]``
+``python bench/instructions.py [--requests 1000] [--hits] [--stream] [--tree PATH ...] [--passthrough] [--constant]``
 
 Wall-clock figures on a shared VM drift by ±20 % from one minute to the next; valgrind's
 callgrind counts the instructions a process runs instead, within about 1 % for the same code and
@@ -29,7 +29,7 @@ import servers
 import tools
 from load import Workload, wrk
 from procs import Server, free_port
-from upstream import nginx_server
+from upstream import STREAM_PATH, nginx_server
 
 WARMUP_REQUESTS = 300
 CONNECTIONS = 10
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tree", action="append", default=[], type=Path, help="a checkout of this repository to measure (repeatable)")
     parser.add_argument("--passthrough", action="store_true", help="also measure the FastAPI + aiohttp passthrough")
     parser.add_argument("--constant", action="store_true", help="also measure the FastAPI endpoint returning a constant (the cache hits' baseline)")
+    parser.add_argument("--stream", action="store_true", help="streamed requests (the stream workload's 40 chunks) instead of plain ones")
     return parser.parse_args(argv)
 
 
@@ -73,12 +74,13 @@ def per_request(server: Server, out: Path, work: Workload, requests: int, cpus: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan, workdir = tools.measuring_setup("valgrind", "valgrind", "admiral-instructions-")
-    kind = "cache hits" if args.hits else "cache misses"
+    kind = ("streamed " if args.stream else "") + ("cache hits" if args.hits else "cache misses")
     print(f"bench: instructions per request, {kind}, {args.requests} requests at c={CONNECTIONS} after {WARMUP_REQUESTS} unmeasured", flush=True)
     with nginx_server(workdir, free_port(), plan.load) as upstream:
         runs: list[tuple[str, Server, Workload]] = []
         if args.passthrough:
-            runs.append(("passthrough", servers.passthrough(workdir, upstream.port, plan.server), Workload("bench", not args.hits)))
+            work = Workload("bench-stream", not args.hits, stream=True, path=STREAM_PATH) if args.stream else Workload("bench", not args.hits)
+            runs.append(("passthrough", servers.passthrough(workdir, upstream.port, plan.server), work))
         if args.constant:
             runs.append(("constant endpoint", servers.constant(workdir, plan.server), Workload("bench", unique=False)))
         trees = args.tree or [None]
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             if command is None:
                 sys.exit("bench: admiral-optimizer is not installed (pip install -e .) and no --tree was given")
             server = servers.gateway(command, workdir, upstream.port, plan.server, name=f"gateway-{i}")
-            runs.append((str(tree or "gateway (installed)"), server, Workload("bench", not args.hits, servers.GATEWAY_KEY)))
+            work = Workload("bench-stream" if args.stream else "bench", not args.hits, servers.GATEWAY_KEY, stream=args.stream)
+            runs.append((str(tree or "gateway (installed)"), server, work))
         for i, (label, server, work) in enumerate(runs):
             count = per_request(under_callgrind(server, workdir / f"callgrind-{i}.out"), workdir / f"callgrind-{i}.out", work, args.requests, plan.load)
             print(f"  {label:<60} {count / 1e6:8.3f} M instructions per request", flush=True)

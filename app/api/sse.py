@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 from app.api.disconnect import DisconnectWatcher
 from app.errors import GatewayError
 from app.pipeline.answer import Answer
-from app.shapes import ChatCompletionChunk
+from app.shapes import ChatCompletionChunk, RawChunk
 
 log = logging.getLogger("admiral.api")
 
@@ -52,7 +52,8 @@ class OpenAIEvents:
 
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         if self._include_usage or "usage" not in chunk:
-            return sse_event(chunk)
+            # a provider's chunk passed on unchanged goes out in the bytes it came in
+            return b"data: " + chunk.raw + b"\n\n" if type(chunk) is RawChunk else sse_event(chunk)
         if not chunk.get("choices"):
             return b""
         return sse_event({k: v for k, v in chunk.items() if k != "usage"})

@@ -30,13 +30,16 @@ ChunkTap = Callable[[ChatCompletionChunk], None]
 class Answer:
     """A complete answer (a dict or its encoded JSON, each made from the other when asked) or a stream."""
 
-    __slots__ = ("_body", "_encoded", "_ends", "_fold", "_over", "_source", "_taps", "from_cache", "usage")
+    __slots__ = ("_body", "_encoded", "_ends", "_fold", "_over", "_ready", "_source", "_taps", "from_cache", "usage")
 
     def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | None = None) -> None:
         assert (chunks is None) != (body is None and encoded is None), "an answer is complete or a stream"
         self._body = body
         self._encoded = encoded
         self._source = chunks
+        #: the source's chunks already read, handed over without waiting (when it can say; a failed
+        #: getattr on a complete answer's None would cost an exception on every plain request)
+        self._ready: Callable[[], list[ChatCompletionChunk]] | None = getattr(chunks, "ready", None) if chunks is not None else None
         # most answers get no tap and no hook: the lists are made for the first one
         self._taps: list[ChunkTap] | tuple[()] = ()
         self._ends: list[EndHook] | tuple[()] = ()
@@ -89,8 +92,8 @@ class Answer:
         per stream, however many want it (the cache stores it, a plain request is answered with it).
         Ask before the stream is read: it sees the chunks read after."""
         if self._fold is None:
+            # fed before the taps, a batch at a time (Answer.batch)
             self._fold = ChunkAssembler()
-            self.on_chunk(self._fold.add)
         return self._fold
 
     async def when_done(self, hook: EndHook) -> None:
@@ -128,17 +131,25 @@ class Answer:
         chunk = await anext(self, None)
         if chunk is None:
             return []
-        chunks = [chunk]
-        ready = getattr(self._source, "ready", None)
-        if ready is not None:
-            for more in ready():
-                self._seen(more)
-                chunks.append(more)
-        return chunks
+        more = self._ready() if self._ready is not None else None
+        if not more:
+            return [chunk]
+        if self._fold is not None:
+            self._fold.add_all(more)
+        for tap in self._taps:
+            for each in more:
+                tap(each)
+        for each in reversed(more):
+            if each.get("usage"):
+                self.usage = each["usage"]
+                break
+        return [chunk, *more]
 
     def _seen(self, chunk: ChatCompletionChunk) -> None:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if self._fold is not None:
+            self._fold.add(chunk)
         for tap in self._taps:
             tap(chunk)
 

@@ -8,14 +8,14 @@ see the request as the client sent it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
 from app.config import ProviderConfig
 from app.errors import UpstreamBadResponseError
 from app.pipeline.answer import Answer
 from app.pipeline.base import ModelRequest, RequestContext
-from app.pipeline.params import ParamProfile, gathered, interleaved, joined, metered, metered_after, with_n, with_usage
+from app.pipeline.params import ParamProfile, gathered, interleaved, joined, metered, missing_usage, with_n, with_usage
 from app.providers.base import Provider, UpstreamRequest
 from app.shapes import ChatCompletionChunk
 
@@ -71,7 +71,7 @@ class Dispatcher:
             raise
         ctx.ttft_seconds = time.perf_counter() - started
         ctx.backend = name
-        rest = metered_after(first, chunks, request) if name in self._metered else _after(first, chunks)
+        rest = _Rest(first, chunks, request if name in self._metered else None)
         answer = Answer(chunks=cast("AsyncIterator[ChatCompletionChunk]", rest))
 
         async def timed(_: BaseException | None) -> None:
@@ -85,10 +85,52 @@ def _part(call: UpstreamRequest, n: int) -> UpstreamRequest:
     return UpstreamRequest(model=call.model, payload=with_n(call.payload, n), request_id=call.request_id, endpoint=call.endpoint)
 
 
-async def _after(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+class _Rest:
+    """A stream from its first chunk (read already), batches passed on as the provider's stream
+    gives them (``ready``); for ``metered``'s request, ended with the usage chunk the provider did
+    not send (see :func:`~app.pipeline.params.missing_usage`)."""
+
+    __slots__ = ("_first", "_kept", "_metered", "_ready", "_source")
+
+    def __init__(self, first: dict[str, Any], source: AsyncIterator[dict[str, Any]], metered: ModelRequest | None) -> None:
+        self._first: dict[str, Any] | None = first
+        self._source = source
+        self._ready: Callable[[], list[dict[str, Any]]] | None = getattr(source, "ready", None)
+        self._metered = metered
+        #: every chunk, for the usage the provider may not have sent (only when metered)
+        self._kept: list[dict[str, Any]] | None = [] if metered is not None else None
+
+    def __aiter__(self) -> _Rest:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        chunk = self._first
+        if chunk is not None:
+            self._first = None
+        else:
+            try:
+                chunk = await anext(self._source)
+            except StopAsyncIteration:
+                chunk = self._tail()
+                if chunk is None:
+                    raise
+                return chunk
+        if self._kept is not None:
+            self._kept.append(chunk)
+        return chunk
+
+    def ready(self) -> list[dict[str, Any]]:
+        """The chunks the provider's stream has already read, without waiting."""
+        chunks = self._ready() if self._ready is not None and self._first is None else []
+        if chunks and self._kept is not None:
+            self._kept.extend(chunks)
+        return chunks
+
+    def _tail(self) -> dict[str, Any] | None:
+        kept, self._kept = self._kept, None
+        if kept is None or self._metered is None:
+            return None
+        return missing_usage(kept, self._metered)
+
+    async def aclose(self) -> None:
+        await self._source.aclose()  # type: ignore[attr-defined]

@@ -118,8 +118,9 @@ class Flight:
                 self.body = answer.body
             else:
                 try:
-                    async for chunk in answer:
-                        self.chunks.append(chunk)
+                    # a batch at a time: a burst from the provider wakes the waiters once
+                    while chunks := await answer.batch():
+                        self.chunks.extend(chunks)
                         self._notify()
                 finally:
                     await answer.aclose()

@@ -172,42 +172,35 @@ def with_usage(body: dict[str, Any], request: ModelRequest) -> dict[str, Any]:
     return {**body, "usage": estimated_usage(prompt_tokens(request), _answer_chars(body.get("choices") or (), "message"))}
 
 
-async def metered_after(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], request: ModelRequest) -> AsyncIterator[dict[str, Any]]:
-    """``first`` then the rest of the stream, ending with a usage chunk when the provider sent none
-    (its ``x_groq.usage`` when there, else estimated)."""
-    said = bool(first.get("usage"))
-    chars = 0 if said else _delta_chars(first)
-    last = first
-    try:
-        yield first
-        async for chunk in rest:
-            if chunk.get("usage"):
-                said = True
-            elif not said:
-                chars += _delta_chars(chunk)
-            last = chunk
-            yield chunk
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
-    if said:
-        return
+def missing_usage(chunks: list[dict[str, Any]], request: ModelRequest) -> dict[str, Any] | None:
+    """The usage chunk to end a whole stream's ``chunks`` with when the provider sent none (its
+    ``x_groq.usage`` when there, else estimated); None when one of them carries usage.
+
+    Looked at once, when the stream is over: the chunks pass on untouched meanwhile."""
+    if not chunks or any(chunk.get("usage") for chunk in reversed(chunks)):
+        return None
+    last = chunks[-1]
     vendor = last.get("x_groq")
     if isinstance(vendor, dict) and isinstance(vendor.get("usage"), dict):
         usage = vendor["usage"]
     else:
-        usage = estimated_usage(prompt_tokens(request), chars)
+        usage = estimated_usage(prompt_tokens(request), sum(map(_delta_chars, chunks)))
     head = {k: v for k, v in last.items() if k in ("id", "object", "created", "model", "system_fingerprint")}
-    yield {**head, "choices": [], "usage": usage}
+    return {**head, "choices": [], "usage": usage}
 
 
 async def metered(chunks: AsyncIterator[dict[str, Any]], request: ModelRequest) -> AsyncIterator[dict[str, Any]]:
-    """:func:`metered_after` for a stream not started yet (each of a split request's calls)."""
-    first = await anext(chunks, None)  # type: ignore[arg-type]
-    if first is None:
+    """A stream that ends with a usage chunk when the provider sent none (see :func:`missing_usage`)."""
+    seen: list[dict[str, Any]] = []
+    try:
+        async for chunk in chunks:
+            seen.append(chunk)
+            yield chunk
+    finally:
         await chunks.aclose()  # type: ignore[attr-defined]
-        return
-    async for chunk in metered_after(first, chunks, request):
-        yield chunk
+    tail = missing_usage(seen, request)
+    if tail is not None:
+        yield tail
 
 
 # -- one request as several calls (n above max_n) ----------------------------------------------

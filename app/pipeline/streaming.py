@@ -16,7 +16,7 @@ grow list by list.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from app.shapes import ChatCompletion, ChatCompletionChunk, ChunkChoice
@@ -82,7 +82,7 @@ class ChunkAssembler:
     """Folds chunks into one ``chat.completion`` (or ``text_completion``, when the chunks' choices
     carry ``text``); ``finished`` once every choice has a finish_reason."""
 
-    __slots__ = ("_choices", "_head", "_text", "usage")
+    __slots__ = ("_choices", "_head", "_settled", "_text", "usage")
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}
@@ -90,28 +90,61 @@ class ChunkAssembler:
         self.usage: dict[str, Any] | None = None
         #: the chunks are a text completion's
         self._text = False
+        #: the keys of a chunk whose top-level fields can add nothing more (each held already, none an object)
+        self._settled: frozenset[str] = frozenset()
 
     def add(self, chunk: ChatCompletionChunk | dict[str, Any]) -> None:
-        for key, value in chunk.items():
-            if key == "choices":
-                for choice in value or ():
+        self.add_all((chunk,))
+
+    def add_all(self, chunks: Iterable[ChatCompletionChunk | dict[str, Any]]) -> None:
+        """Fold chunks in their order (a batch of them: one call for what one read brought)."""
+        states = self._choices
+        for chunk in chunks:
+            if chunk.keys() != self._settled:
+                self._add_head(chunk)
+            choices = chunk.get("choices")
+            if choices:
+                if len(choices) == 1:
+                    # the common chunk: a piece of content and nothing else, added to content begun
+                    choice = choices[0]
+                    delta = choice.get("delta")
+                    if delta is not None and len(delta) == 1 and not choice.get("finish_reason") and not choice.get("logprobs") and choice.keys() <= _CHOICE_OWN:
+                        content = delta.get("content")
+                        state = states.get(choice.get("index", 0))
+                        if state is not None and type(content) is str:
+                            message = state["message"]
+                            have = message.get("content")
+                            if type(have) is str:
+                                message["content"] = have + content
+                                choices = None
+                for choice in choices or ():
                     self._add_choice(choice)
-            elif key == "usage":
-                if value:
-                    self.usage = value
-            elif key not in _CHUNK_ONLY and key != "object":
-                have = self._head.get(key)
-                if have is None:
-                    self._head[key] = _copy(value)
-                elif isinstance(have, dict) and isinstance(value, dict):
-                    _overlay(have, value)  # e.g. x_groq: {id} first, {id, usage} last
+            usage: Any = chunk.get("usage")
+            if usage:
+                self.usage = usage
+
+    def _add_head(self, chunk: ChatCompletionChunk | dict[str, Any]) -> None:
+        head = self._head
+        settled = True
+        for key, value in chunk.items():
+            if key in ("choices", "usage", "object") or key in _CHUNK_ONLY:
+                continue
+            have = head.get(key)
+            if have is None:
+                head[key] = have = _copy(value)
+            elif isinstance(have, dict) and isinstance(value, dict):
+                _overlay(have, value)  # e.g. x_groq: {id} first, {id, usage} last
+            settled = settled and have is not None and not isinstance(have, dict)
+        if settled:
+            # the stream's next chunks mostly carry the same fields: they skip this loop
+            self._settled = frozenset(chunk.keys())
 
     def _add_choice(self, choice: ChunkChoice | dict[str, Any]) -> None:
         index = choice.get("index", 0)
         state = self._choices.get(index)
+        delta = choice.get("delta")
         if state is None:
             state = self._choices[index] = {"message": {}, "rest": {}, "finish_reason": None, "logprobs": None, "text": []}
-        delta = choice.get("delta")
         if delta:
             _merge(state["message"], delta)
         elif delta is None:

@@ -19,14 +19,15 @@ from app.errors import (
     UpstreamTimeoutError,
 )
 from app.providers.base import UpstreamRequest
+from app.shapes import RawChunk
 
 _MAX_ERROR_BODY = 4096
 #: each endpoint's path under the provider's base URL, and the list its answer must hold
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 _ANSWER_LIST = {"chat": "choices", "completions": "choices", "embeddings": "data"}
 _ANSWER_NAME = {"chat": "a chat completion", "completions": "a text completion", "embeddings": "an embeddings list"}
-#: what ``_event`` returns for ``data: [DONE]``
-_DONE: dict[str, Any] = {}
+#: the data of the event that ends a stream
+_DONE_DATA = b"[DONE]"
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -122,23 +123,20 @@ class OpenAICompatibleProvider:
             return UpstreamTimeoutError(message, backend=self.name)
         return UpstreamError(message, backend=self.name)
 
-    def _event(self, line: bytes) -> dict[str, Any] | None:
-        """The chunk a ``data:`` line carries (``_DONE`` for the end marker), None for any other line."""
-        if not line.startswith(b"data:"):
-            return None
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return _DONE
+    def _chunk(self, data: bytes) -> RawChunk:
+        """The chunk a ``data:`` line carries; the provider's error (or a bad event) raised."""
         try:
-            chunk = orjson.loads(data)
+            parsed = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
-        if not isinstance(chunk, dict):
+        if not isinstance(parsed, dict):
             raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
-        if "error" in chunk:
-            err = chunk["error"]
+        if "error" in parsed:
+            err = parsed["error"]
             detail = str(err.get("message") or "") if isinstance(err, dict) else str(err)
             raise UpstreamError(f"{self.name} failed mid-stream: {self._clean(detail)}", backend=self.name)
+        chunk = RawChunk(parsed)
+        chunk.raw = data
         return chunk
 
     def _field(self, error: dict[str, Any], name: str) -> str | None:
@@ -183,37 +181,145 @@ class OpenAICompatibleProvider:
             raise UpstreamBadResponseError(f"{self.name} answered JSON that is not {_ANSWER_NAME[endpoint]}", backend=self.name)
         return body  # type: ignore[no-any-return]
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
-        session = self._session_or_fail()
+    def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
         payload = {**request.payload, "model": request.model, "stream": True}
         if self._stream_usage:
             payload["stream_options"] = {"include_usage": True}
-        finished = False
+        return EventStream(self, self._urls[request.endpoint], orjson.dumps(payload))
+
+    async def _open(self, url: str, data: bytes) -> aiohttp.ClientResponse:
+        """The streamed answer's response, its head read (an error answer raised as the gateway's error)."""
+        session = self._session_or_fail()
+        headers = self.trace_headers() if self.trace_headers is not None else None
+        resp = await session.post(url, data=data, timeout=self._stream_timeout, headers=headers)
+        if self.on_headers is not None:
+            self.on_headers(self.name, resp.headers)
+        if resp.status >= 400:
+            try:
+                raise await self._error_for(resp)
+            finally:
+                await resp.__aexit__(None, None, None)
+        return resp
+
+
+class EventStream:
+    """A provider's streamed answer as chunks, parsed a network read at a time.
+
+    ``__anext__`` waits for the next chunk; :meth:`ready` hands over, without waiting, every chunk
+    the last read brought: a burst from the provider passes the layers above as one batch, not
+    chunk by chunk. Each chunk is a :class:`~app.shapes.RawChunk` holding its event's JSON, which
+    a client that gets it unchanged is sent as it came. The request is made at the first read;
+    the response is released at the end or on :meth:`aclose`.
+    """
+
+    __slots__ = ("_at", "_closed", "_data", "_error", "_finished", "_over", "_parsed", "_provider", "_resp", "_rest", "_url")
+
+    def __init__(self, provider: OpenAICompatibleProvider, url: str, data: bytes) -> None:
+        self._provider = provider
+        self._url = url
+        self._data = data
+        self._resp: aiohttp.ClientResponse | None = None
+        #: the last read's chunks, and how many of them were handed over
+        self._parsed: list[RawChunk] = []
+        self._at = 0
+        #: the start of a line the last read cut
+        self._rest = b""
+        #: a choice said why it ended ([DONE] counts too): an end without it is a cut stream
+        self._finished = False
+        #: [DONE] or the end of the body was read
+        self._over = False
+        self._closed = False
+        #: a failure read after some chunks: raised once those are handed over
+        self._error: UpstreamError | None = None
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> RawChunk:
+        while self._at >= len(self._parsed):
+            if self._error is not None or self._over or self._closed:
+                await self.aclose()
+                if self._error is not None:
+                    raise self._error
+                if not self._finished:
+                    raise UpstreamError(f"{self._provider.name} ended the stream before it finished", backend=self._provider.name)
+                raise StopAsyncIteration
+            try:
+                await self._read()
+            except BaseException:
+                await self.aclose()
+                raise
+        chunk = self._parsed[self._at]
+        self._at += 1
+        return chunk
+
+    def ready(self) -> list[RawChunk]:
+        """The chunks already read and not yet handed over (handed over now)."""
+        at, self._at = self._at, len(self._parsed)
+        return self._parsed[at:]
+
+    async def _read(self) -> None:
+        provider = self._provider
         try:
-            headers = self.trace_headers() if self.trace_headers is not None else None
-            async with session.post(self._urls[request.endpoint], data=orjson.dumps(payload), timeout=self._stream_timeout, headers=headers) as resp:
-                if self.on_headers is not None:
-                    self.on_headers(self.name, resp.headers)
-                if resp.status >= 400:
-                    raise await self._error_for(resp)
-                async for lines in _lines(resp.content):
-                    for line in lines:
-                        chunk = self._event(line)
-                        if chunk is _DONE:
-                            return
-                        if chunk is not None:
-                            finished = finished or _finishes(chunk)
-                            yield chunk
-        except UpstreamError:
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise self._translate(exc) from exc
-        if not finished:
-            raise UpstreamError(f"{self.name} ended the stream before it finished", backend=self.name)
+            if self._resp is None:
+                self._resp = await provider._open(self._url, self._data)
+            data = await self._resp.content.readany()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise provider._translate(exc) from exc
+        if data:
+            *lines, self._rest = (self._rest + data if self._rest else data).split(b"\n")
+        else:
+            lines, self._rest, self._over = [self._rest], b"", True
+        datas = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if _DONE_DATA in datas:
+            del datas[datas.index(_DONE_DATA) :]
+            self._over = self._finished = True
+        parsed = _parsed(datas)
+        if parsed is None:
+            # something in this read is not a chunk: event by event, those before it go out, then its error
+            parsed = []
+            try:
+                for data in datas:
+                    parsed.append(provider._chunk(data))
+            except UpstreamError as exc:
+                self._error = exc
+        if not self._finished:
+            self._finished = any(map(_finishes, parsed))
+        self._parsed = parsed
+        self._at = 0
+
+    async def aclose(self) -> None:
+        self._closed = True
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            await resp.__aexit__(None, None, None)
+
+
+def _parsed(datas: list[bytes]) -> list[RawChunk] | None:
+    """The events' chunks, parsed in one go (one JSON array); None when one of them is not a chunk, or is an error."""
+    if not datas:
+        return []
+    try:
+        values = orjson.loads(b"[" + b",".join(datas) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(values) != len(datas):
+        return None  # commas inside an event made more values than events: not one object each
+    chunks = []
+    for data, value in zip(datas, values, strict=True):
+        if type(value) is not dict or "error" in value:
+            return None
+        chunk = RawChunk(value)
+        chunk.raw = data
+        chunks.append(chunk)
+    return chunks
 
 
 def _finishes(chunk: dict[str, Any]) -> bool:
-    return any(c.get("finish_reason") for c in chunk.get("choices") or () if isinstance(c, dict))
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("finish_reason"):
+            return True
+    return False
 
 
 async def _lines(body: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:

@@ -1,0 +1,133 @@
+"""The stream relay's fast paths: a provider's events parsed a read at a time and relayed in the
+bytes they came in, and the fold's shortcut for chunks that only add content."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+
+from app.pipeline.streaming import ChunkAssembler
+from app.providers.openai_compat import _parsed
+from app.shapes import RawChunk
+from tests.fake_upstream import FakeUpstream
+from tests.support import GatewayServer, gateway
+
+KEY = "sk-agent-relay-0001"
+
+
+@pytest.fixture
+def gw(upstream: FakeUpstream) -> Iterator[GatewayServer]:
+    config = f"""
+keys:
+  - {{key: {KEY}, agent: relay}}
+providers:
+  up: {{kind: openai, base_url: "{upstream.base_url}", api_key: sk-provider-relay-9999, timeout_s: 5}}
+models:
+  fast: [up/fake-model]
+routing: {{default: fast}}
+"""
+    with gateway(config) as server:
+        yield server
+
+
+def _events(gw: GatewayServer, body: dict[str, object]) -> list[str]:
+    with httpx.stream("POST", f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json=body, timeout=10) as r:
+        assert r.status_code == 200
+        return [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_events_go_out_in_the_bytes_the_provider_sent(gw: GatewayServer, upstream: FakeUpstream) -> None:
+    """The fake provider writes its events with ``json.dumps`` (a space after each separator); the
+    gateway's own encoding has none: every event arrives spaced as the provider wrote it."""
+    body = {"model": "fast", "stream": True, "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "relay these words"}]}
+    events = _events(gw, body)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len(chunks) >= 4
+    for event in chunks:
+        assert event == json.dumps(json.loads(event)), event
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in chunks if json.loads(e)["choices"]) == "echo: relay these words"
+    # the same request again is a cache hit, replayed from the stored answer in the gateway's own encoding
+    again = _events(gw, body)
+    assert upstream.calls == 1
+    assert all(json.loads(e) for e in again[:-1]) and again[-1] == "[DONE]"
+
+
+def test_a_chunk_changed_on_the_way_is_encoded_anew(gw: GatewayServer) -> None:
+    """Without ``include_usage`` the gateway takes out the ``usage: null`` the provider puts in each
+    chunk: those chunks are new objects, written in the gateway's encoding, never the provider's bytes."""
+    events = _events(gw, {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "no usage please"}]})
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and all("usage" not in c for c in chunks)
+    assert all(e == orjson.dumps(json.loads(e)).decode() for e in events[:-1])
+
+
+def _data(*events: object) -> list[bytes]:
+    return [json.dumps(e).encode() for e in events]
+
+
+def test_a_read_of_chunks_is_parsed_in_one_go_each_keeping_its_bytes() -> None:
+    datas = _data({"id": "a", "choices": [{"index": 0, "delta": {"content": "x, y"}}]}, {"id": "a", "choices": [], "usage": {"total_tokens": 3}})
+    chunks = _parsed(datas)
+    assert chunks is not None and [dict(c) for c in chunks] == [json.loads(d) for d in datas]
+    assert all(type(c) is RawChunk for c in chunks) and [c.raw for c in chunks] == datas
+    assert _parsed([]) == []
+
+
+@pytest.mark.parametrize(
+    "datas",
+    [
+        [b'{"id": "a"}', b"not json"],
+        [b'{"id": "a"}', b'{"error": {"message": "overloaded"}}'],
+        [b'{"id": "a"}, {"id": "b"}'],  # two objects in one event: not one chunk each
+        [b'{"id": "a"}', b"[1, 2]"],
+        [b'{"id": "a"}', b""],
+    ],
+)
+def test_a_read_with_anything_but_chunks_is_left_to_the_event_by_event_path(datas: list[bytes]) -> None:
+    assert _parsed(datas) is None
+
+
+def _fold(*chunks: dict[str, object]) -> dict[str, object]:
+    folded = ChunkAssembler()
+    for chunk in chunks:
+        folded.add(chunk)
+    return dict(folded.result())
+
+
+def test_the_content_shortcut_keeps_what_other_chunks_say() -> None:
+    head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    body = _fold(
+        {**head, "system_fingerprint": None, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {**head, "system_fingerprint": None, "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]},
+        # a field the first chunks left null, given later with the same fields around it
+        {**head, "system_fingerprint": "fp_1", "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]},
+        # content and usage in one chunk
+        {**head, "system_fingerprint": "fp_1", "choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": None}], "usage": {"total_tokens": 4}},
+        # a choice field of the provider's own beside the content
+        {
+            **head,
+            "system_fingerprint": "fp_1",
+            "choices": [{"index": 0, "delta": {"content": "?"}, "finish_reason": None, "native_finish_reason": None, "x_seq": 5}],
+        },
+        {**head, "system_fingerprint": "fp_1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    )
+    assert body["system_fingerprint"] == "fp_1"
+    assert body["usage"] == {"total_tokens": 4}
+    choice = body["choices"][0]  # type: ignore[index]
+    assert choice["message"] == {"role": "assistant", "content": "Hello!?"}
+    assert choice["finish_reason"] == "stop" and choice["x_seq"] == 5
+
+
+def test_content_before_a_role_and_vendor_objects_still_fold() -> None:
+    body = _fold(
+        {"id": "c2", "x_groq": {"id": "g"}, "choices": [{"index": 0, "delta": {"content": "a"}}]},
+        {"id": "c2", "x_groq": {"id": "g"}, "choices": [{"index": 0, "delta": {"content": "b"}}]},
+        {"id": "c2", "x_groq": {"id": "g", "usage": {"total_tokens": 2}}, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+    )
+    assert body["x_groq"] == {"id": "g", "usage": {"total_tokens": 2}}
+    assert body["choices"][0]["message"] == {"content": "ab", "role": "assistant"}  # type: ignore[index]
