@@ -47,6 +47,7 @@ from app.state.base import Admission, QuotaTake, RateTake
 from app.state.memory import MemoryStateStore
 from app.state.redis_cache import LayeredTier, RedisCacheTier
 from app.state.redis_channels import RedisChannels
+from app.state.redis_link import RedisLink
 from app.state.redis_watch import RedisWatch
 from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
@@ -177,7 +178,9 @@ class RedisStateStore:
         self._metrics = metrics
         self._probe_interval_s = probe_interval_s
         self._redis = open_client(url, timeout_s=timeout_s, connect_timeout_s=timeout_s)
-        self._admit = self._redis.register_script(_ADMIT)
+        #: every request's calls (admission, single flight, cache reads) on one pipelined connection
+        self._link = RedisLink(url, timeout_s=timeout_s, connect_timeout_s=timeout_s)
+        self._admit = self._link.script(_ADMIT)
         self._record = self._redis.register_script(_RECORD)
         self._give = self._redis.register_script(_GIVE)
         # None while Redis answers; the in-process stand-in during an outage
@@ -204,7 +207,7 @@ class RedisStateStore:
     def channels(self) -> RedisChannels:
         """Single-flight primitives on the same Redis and prefix (own connections; opened on first use)."""
         if self._channels is None:
-            self._channels = RedisChannels.from_url(self._url, self._prefix)
+            self._channels = RedisChannels.from_url(self._url, self._prefix, link=self._link)
         return self._channels
 
     def coordinator(self) -> InflightCoordinator:
@@ -214,7 +217,7 @@ class RedisStateStore:
     def cache_tier(self, table: SqlCacheTier) -> CacheTier:
         """Redis (same server and key prefix, a client of its own) in front of ``table``, skipped while Redis is down."""
         client = open_client(self._url, timeout_s=0.5, connect_timeout_s=0.5)  # fails as fast as the state store
-        self._cache = RedisCacheTier(client, self._prefix)
+        self._cache = RedisCacheTier(client, self._prefix, link=self._link)
         return LayeredTier(self._cache, table, self)
 
     def stored_key(self, key: str) -> str:
@@ -263,7 +266,7 @@ class RedisStateStore:
                 args += (t.limit, t.period_s, t.cost)
             for q in quotas:
                 args += (q.limit, q.cost, _ms(q.ttl_s))
-            refused, wait, *used = await self._admit(keys=keys, args=args)
+            refused, wait, *used = await self._link.evalsha(self._admit, keys, args)
             return Admission(int(refused) - 1, float(wait), tuple(int(u) for u in used))
 
         return await self._call(remote, lambda m: m.admit(rates, quotas))
@@ -373,6 +376,7 @@ class RedisStateStore:
         if self._channels is not None:
             await self._channels.aclose()
         await self.watch.aclose()
+        await self._link.aclose()
         await self._redis.aclose()
 
     # -- outage handling ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Protocol, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from app.state.redis_link import RedisLink
 from app.state.redis_watch import NOTICES
 from app.storage.cache_tiers import CacheWrite, SqlCacheTier
 
@@ -58,8 +59,10 @@ class RedisCacheTier:
     #: shared writes remembered so that the batched write skips them (beyond it, it writes them again)
     REMEMBERED = 65536
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, *, link: RedisLink | None = None) -> None:
+        """Reads go through ``link`` when given (the state store's shared connection), else ``client``."""
         self._redis = client
+        self._link = link
         self._prefix = prefix + "cache:"
         self._notices = prefix + NOTICES
         self._queued: list[tuple[str, bytes, int]] = []
@@ -68,7 +71,8 @@ class RedisCacheTier:
         self._sending: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str, now: float) -> bytes | None:
-        raw = cast(bytes | None, await self._redis.get(self._prefix + key))
+        name = self._prefix + key
+        raw = cast(bytes | None, await (self._link.call("GET", name) if self._link is not None else self._redis.get(name)))
         if raw is None or _EXPIRES_AT.unpack_from(raw)[0] <= now:
             return None
         return raw[_EXPIRES_AT.size :]

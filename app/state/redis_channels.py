@@ -51,6 +51,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.state.redis_link import RedisLink
 from app.state.redis_watch import NOTICES
 
 __all__ = ["ChannelError", "ChannelUnavailable", "LeaderFailed", "LeaderLost", "RedisChannels", "StreamPublisher", "StreamTruncated"]
@@ -152,29 +153,35 @@ class RedisChannels:
     def __init__(
         self,
         client: aioredis.Redis,
+        link: RedisLink,
         prefix: str = "admiral:",
         *,
         maxlen: int = 10_000,
         stream_ttl_s: float = 60.0,
         poll_s: float = 0.25,
         owns_client: bool = False,
+        owns_link: bool = False,
     ) -> None:
-        """``poll_s`` is how long one XREAD blocks; it must stay below the client's socket timeout."""
+        """``poll_s`` is how long one XREAD blocks; it must stay below the client's socket timeout.
+        Every command but XREAD goes through ``link`` (they answer at once)."""
         self._redis = client
+        self._link = link
+        self._owns_link = owns_link
         self._prefix = prefix
         self._maxlen = maxlen
         self._stream_ttl_ms = max(1, int(stream_ttl_s * 1000))
         self._poll_ms = max(1, int(poll_s * 1000))
         self._owns_client = owns_client
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
-        self._append = client.register_script(_APPEND)
-        self._claim = client.register_script(_CLAIM)
-        self._finish = client.register_script(_FINISH)
+        self._renew = link.script(_RENEW)
+        self._release = link.script(_RELEASE)
+        self._append = link.script(_APPEND)
+        self._claim = link.script(_CLAIM)
+        self._finish = link.script(_FINISH)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "admiral:", *, poll_s: float = 0.25, **kwargs: Any) -> RedisChannels:
-        """Channels with their own connections, so blocked readers never starve limit checks."""
+    def from_url(cls, url: str, prefix: str = "admiral:", *, poll_s: float = 0.25, link: RedisLink | None = None, **kwargs: Any) -> RedisChannels:
+        """Channels with their own connections for blocking reads, so blocked readers never starve limit
+        checks; the other commands on ``link`` (the state store's), else on a link of their own."""
         client = aioredis.Redis.from_pool(
             aioredis.BlockingConnectionPool.from_url(
                 url,
@@ -185,9 +192,13 @@ class RedisChannels:
                 retry=Retry(NoBackoff(), 1),
             )
         )
-        return cls(client, prefix, poll_s=poll_s, owns_client=True, **kwargs)
+        own = link is None
+        link = RedisLink(url, timeout_s=poll_s + 1.0) if link is None else link
+        return cls(client, link, prefix, poll_s=poll_s, owns_client=True, owns_link=own, **kwargs)
 
     async def aclose(self) -> None:
+        if self._owns_link:
+            await self._link.aclose()
         if self._owns_client:
             await self._redis.aclose()
 
@@ -202,16 +213,16 @@ class RedisChannels:
     async def acquire(self, key: str, ttl_s: float) -> str | None:
         """Take the lease on ``key`` for ``ttl_s``; returns its token, or None when someone holds it."""
         token = secrets.token_hex(8)
-        ok = await self._io(self._redis.set(self.lock_key(key), token, nx=True, px=max(1, int(ttl_s * 1000))))
-        return token if ok else None
+        ok = await self._io(self._link.call("SET", self.lock_key(key), token, "NX", "PX", max(1, int(ttl_s * 1000))))
+        return token if ok is not None else None
 
     async def renew(self, key: str, token: str, ttl_s: float) -> bool:
         """Extend the lease to ``ttl_s`` from now; False when ``token`` no longer holds it."""
-        return bool(await self._io(self._renew(keys=[self.lock_key(key)], args=[token, max(1, int(ttl_s * 1000))])))
+        return bool(await self._io(self._link.evalsha(self._renew, [self.lock_key(key)], [token, max(1, int(ttl_s * 1000))])))
 
     async def release(self, key: str, token: str) -> bool:
         """Drop the lease if ``token`` still holds it (never someone else's)."""
-        return bool(await self._io(self._release(keys=[self.lock_key(key)], args=[token])))
+        return bool(await self._io(self._link.evalsha(self._release, [self.lock_key(key)], [token])))
 
     async def claim(self, key: str, ttl_s: float, stored_key: str) -> tuple[str | None, str | None, bool]:
         """Lead or follow in one round trip: (this lease's token, None, whether ``stored_key`` exists) when
@@ -219,7 +230,7 @@ class RedisChannels:
         token = secrets.token_hex(8)
         ttl_ms = max(1, int(ttl_s * 1000))
         args = [token, ttl_ms, f"{self._prefix}flight:{key}:", self._stream_ttl_ms, self._prefix + NOTICES]
-        won, holder, stored = await self._io(self._claim(keys=[self.lock_key(key), stored_key], args=args))
+        won, holder, stored = await self._io(self._link.evalsha(self._claim, [self.lock_key(key), stored_key], args))
         if won:
             return token, None, bool(stored)
         return None, holder.decode(), False
@@ -238,14 +249,14 @@ class RedisChannels:
         args.append(self._prefix + NOTICES)
         keys = [self.lock_key(key), stream, stream + ":w", *(w[0] for w in writes)]
         publisher.closed = True
-        published = bool(await self._io(self._finish(keys=keys, args=args)))
+        published = bool(await self._io(self._link.evalsha(self._finish, keys, args)))
         if published:
             publisher.index += len(entries)
         return published
 
     async def holder(self, key: str) -> str | None:
         """The token of the current lease on ``key``, or None."""
-        value = await self._io(self._redis.get(self.lock_key(key)))
+        value = await self._io(self._link.call("GET", self.lock_key(key)))
         return value.decode() if value is not None else None
 
     async def keep_alive(self, key: str, token: str, ttl_s: float, every_s: float | None = None) -> None:
@@ -275,7 +286,7 @@ class RedisChannels:
         args: list[bytes | int] = [self._maxlen, self._stream_ttl_ms, publisher.index]
         for kind, data in entries:
             args += (kind, data)
-        await self._io(self._append(keys=[publisher.stream], args=args))
+        await self._io(self._link.evalsha(self._append, [publisher.stream], args))
         publisher.index += len(entries)
 
     async def read(self, key: str, token: str, *, idle_timeout_s: float | None = None) -> AsyncGenerator[bytes, None]:
