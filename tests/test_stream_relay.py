@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from app.pipeline.streaming import ChunkAssembler
-from app.providers.openai_compat import _parsed
+from app.providers.openai_compat import _parsed, _whole_events
 from app.shapes import RawChunk
 from tests.fake_upstream import FakeUpstream
 from tests.support import GatewayServer, gateway
@@ -131,3 +131,86 @@ def test_content_before_a_role_and_vendor_objects_still_fold() -> None:
     )
     assert body["x_groq"] == {"id": "g", "usage": {"total_tokens": 2}}
     assert body["choices"][0]["message"] == {"content": "ab", "role": "assistant"}  # type: ignore[index]
+
+
+def _raw_fold(events: list[bytes]) -> tuple[dict[str, object], dict[str, object]]:
+    """The stream folded from the provider's events (raw chunks, the bytes shortcut), and from plain copies of them."""
+    chunks = _parsed(events)
+    assert chunks is not None
+    folded = ChunkAssembler()
+    folded.add_all(chunks)
+    return dict(folded.result()), _fold(*(dict(c) for c in chunks))
+
+
+_HEAD = b'{"id":"c3","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":'
+_TAIL = b',"finish_reason":null}]}'
+
+
+@pytest.mark.parametrize(
+    ("middles", "content"),
+    [
+        # plain content pieces: after the second, the rest take the bytes shortcut
+        ([b'{"content":"a"}', b'{"content":"b"}', b'{"content":"c, d"}', b'{"content":""}', b'{"content":"e"}'], "abc, de"),
+        # the same bytes around more than the content: a second delta key is folded, not skipped
+        ([b'{"content":"a"}', b'{"content":"b"}', b'{"content":"c","refusal":"no"}', b'{"content":"d"}'], "abcd"),
+        ([b'{"content":"a"}', b'{"content":"b"}', b'{"content":"c", "reasoning_content":"r"}', b'{"content":"d"}'], "abcd"),
+        # the same bytes at both ends around more: a piece's logprobs, a second choice in the same chunk
+        ([b'{"content":"a"}', b'{"content":"b"}', b'{"content":"c"},"logprobs":{"content":[{"token":"c","logprob":-0.1}]}', b'{"content":"d"}'], "abcd"),
+        ([b'{"content":"a"}', b'{"content":"b"}', b'{"content":"c"},"finish_reason":null},{"index":1,"delta":{"content":"x"}', b'{"content":"d"}'], "abcd"),
+        # content escaped as the provider does it (\\u, \\"): no shape is learned from it, the fold stays exact
+        ([b'{"content":"a"}', b'{"content":"\\u00e9\\"q\\""}', b'{"content":"\\u00e9"}', b'{"content":"x"}'], 'a\u00e9"q"\u00e9x'),
+        # a piece that is also a value elsewhere in the event, and a piece that is the word content
+        ([b'{"content":"m"}', b'{"content":"m"}', b'{"content":"content"}', b'{"content":"m"}'], "mmcontentm"),
+        # not text: a later piece of another type is folded by the rules, never added as text
+        ([b'{"content":"a"}', b'{"content":"b"}', b'{"content":null}', b'{"content":"c"}'], "abc"),
+    ],
+)
+def test_the_bytes_shortcut_folds_exactly_what_the_chunks_say(middles: list[bytes], content: str) -> None:
+    role = _HEAD + b'{"role":"assistant","content":""}' + _TAIL
+    finish = _HEAD.replace(b'"delta":', b'"delta":{},"finish_reason":"stop"}]}')
+    events = [role, *(_HEAD + m + _TAIL for m in middles), finish]
+    by_bytes, by_dicts = _raw_fold(events)
+    assert by_bytes == by_dicts
+    assert by_bytes["choices"][0]["message"]["content"] == content  # type: ignore[index]
+
+
+def test_the_bytes_shortcut_is_learned_for_the_choice_it_saw() -> None:
+    """Two choices interleaved: each event's bytes name its index, so a piece never lands in the other choice."""
+    head = b'{"id":"c4","choices":[{"index":%d,"delta":{"content":"%s"},"finish_reason":null}]}'
+    events = [head % (i % 2, f"p{i}".encode()) for i in range(8)]
+    by_bytes, by_dicts = _raw_fold(events)
+    assert by_bytes == by_dicts
+    assert [c["message"]["content"] for c in by_bytes["choices"]] == ["p0p2p4p6", "p1p3p5p7"]  # type: ignore[index]
+
+
+def _by_lines(data: bytes) -> list[bytes]:
+    return [line[5:].strip() for line in data.split(b"\n") if line.startswith(b"data:")]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'data: {"id":"a"}\n\ndata: {"id":"b", "x": "data: y"}\n\ndata: [DONE]\n\n',
+        b'data: {"id":"a"}\n\n',
+    ],
+)
+def test_a_read_of_whole_events_is_split_in_one_go(data: bytes) -> None:
+    assert _whole_events(data) == _by_lines(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'data: {"id":"a"}\n\ndata: {"id":"b"}',  # the last event cut
+        b'data: {"id":"a"}\n\n: keep-alive\n\n',  # a comment
+        b'event: chunk\ndata: {"id":"a"}\n\n',  # another field
+        b'data: {"id":"a"}\r\n\r\n',
+        b'data: {"id":"a"}\n\ndata:{"id":"b"}\n\n',  # no space after the colon
+        b'data:  {"id":"a"}\n\n',
+        b'data: {"id":"a"} \n\n',
+        b'data: {"id":"a"}\ndata: {"id":"b"}\n\n',  # one event of two data lines
+        b"",
+    ],
+)
+def test_anything_but_whole_events_is_left_to_the_line_by_line_path(data: bytes) -> None:
+    assert _whole_events(data) is None

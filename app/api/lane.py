@@ -155,17 +155,21 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes:
 
 
 class JSONBytes:
-    """A 200 with an already-encoded JSON body: two ASGI messages and nothing else."""
+    """A 200 with an already-encoded JSON body: two ASGI messages, then the answer's bookkeeping."""
 
-    __slots__ = ("body", "raw_headers")
+    __slots__ = ("_answer", "body", "raw_headers")
 
-    def __init__(self, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, payload: bytes, headers: list[tuple[bytes, bytes]], answer: Answer) -> None:
         self.body = payload
         self.raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
+        self._answer = answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.body})
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            self._answer.sent()
 
 
 class ModelLane:
@@ -220,7 +224,11 @@ class ModelLane:
             answer = await services.serving(ctx, read)
             assert request is not None
             if not answer.is_stream:
-                return JSONBytes(dialect.body(answer, request, ctx), admiral_headers(ctx))
+                try:
+                    return JSONBytes(dialect.body(answer, request, ctx), admiral_headers(ctx), answer)
+                except BaseException:
+                    answer.sent()
+                    raise
             return await _first_of(answer, ctx, task, dialect.writer(request, ctx))
         except GatewayError as exc:
             return dialect.error(exc)

@@ -184,6 +184,9 @@ class AnthropicEvents:
                 self._matched = choice.get("stop_reason")
         return b"".join(out)
 
+    def chunks(self, batch: list[ChatCompletionChunk]) -> bytes:
+        return b"".join(map(self.chunk, batch))
+
     def end(self) -> bytes:
         out: list[bytes] = []
         self._close(out)

@@ -383,6 +383,9 @@ class ResponsesEvents:
         self._arguments = {}
         return out
 
+    def chunks(self, batch: list[dict[str, Any]]) -> bytes:
+        return b"".join(map(self.chunk, batch))
+
     def end(self) -> bytes:
         out = [] if self._started else self._start()
         status, incomplete = ending(self._finish)

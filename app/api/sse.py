@@ -33,6 +33,10 @@ class StreamWriter(Protocol):
         """The bytes for one upstream chunk (empty: nothing to send for it)."""
         ...
 
+    def chunks(self, batch: list[ChatCompletionChunk]) -> bytes:
+        """The bytes for a batch of them (what one read brought), sent as one message."""
+        ...
+
     def end(self) -> bytes: ...
 
     def failed(self, exc: GatewayError) -> bytes: ...
@@ -57,6 +61,14 @@ class OpenAIEvents:
         if not chunk.get("choices"):
             return b""
         return sse_event({k: v for k, v in chunk.items() if k != "usage"})
+
+    def chunks(self, batch: list[ChatCompletionChunk]) -> bytes:
+        include_usage = self._include_usage
+        raws = [c.raw for c in batch if type(c) is RawChunk and (include_usage or "usage" not in c)]
+        if len(raws) == len(batch):
+            # each chunk as the provider sent it: one join, no call per chunk
+            return b"data: " + b"\n\ndata: ".join(raws) + b"\n\n"
+        return b"".join(map(self.chunk, batch))
 
     def end(self) -> bytes:
         return _DONE
@@ -86,7 +98,7 @@ class SSEResponse(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             chunks = self._first
             while chunks:
-                data = b"".join(map(writer.chunk, chunks))
+                data = writer.chunks(chunks)
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 chunks = await self._rest.batch()

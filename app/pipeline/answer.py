@@ -30,7 +30,7 @@ ChunkTap = Callable[[ChatCompletionChunk], None]
 class Answer:
     """A complete answer (a dict or its encoded JSON, each made from the other when asked) or a stream."""
 
-    __slots__ = ("_body", "_encoded", "_ends", "_fold", "_over", "_ready", "_source", "_taps", "from_cache", "usage")
+    __slots__ = ("_after", "_body", "_encoded", "_ends", "_fold", "_over", "_ready", "_source", "_taps", "from_cache", "usage")
 
     def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | None = None) -> None:
         assert (chunks is None) != (body is None and encoded is None), "an answer is complete or a stream"
@@ -45,6 +45,8 @@ class Answer:
         self._ends: list[EndHook] | tuple[()] = ()
         self._over = False
         self._fold: ChunkAssembler | None = None
+        #: a complete answer's bookkeeping, run by :meth:`sent` once the client has it
+        self._after: Callable[[], None] | None = None
         #: the usage the answer reports (a stream's once its usage chunk has passed)
         self.usage: Usage | None = body.get("usage") if body is not None else None
         #: read from the cache (exact, semantic, or the shared tier a finished flight left): not stored again
@@ -79,6 +81,21 @@ class Answer:
     def encoded(self, payload: bytes) -> None:
         """The body's JSON made elsewhere (for the cache): the client gets the same bytes."""
         self._encoded = payload
+
+    def after_sent(self, bookkeeping: Callable[[], None]) -> None:
+        """Run ``bookkeeping`` once a complete answer is sent (:meth:`sent`): the client does not wait for it."""
+        assert self._source is None, "a stream's bookkeeping is an end hook"
+        self._after = bookkeeping
+
+    def sent(self) -> None:
+        """The answer went out (or could not): run its bookkeeping, once."""
+        bookkeeping, self._after = self._after, None
+        if bookkeeping is not None:
+            try:
+                bookkeeping()
+            except Exception:
+                # the client has its answer: bookkeeping must not turn it into an error
+                log.exception("answer bookkeeping failed")
 
     def on_chunk(self, tap: ChunkTap) -> None:
         """Call ``tap`` with each chunk as it is read (never for a complete answer)."""

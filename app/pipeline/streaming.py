@@ -19,8 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from app.shapes import ChatCompletion, ChatCompletionChunk, ChunkChoice
+import orjson
 
+from app.shapes import ChatCompletion, ChatCompletionChunk, ChunkChoice, RawChunk
+
+#: a content-only chunk's event around its content, its key counts (chunk, choices, choice, delta) and the message it adds to
+_Shape = tuple[bytes, bytes, tuple[int, int, int, int], dict[str, Any]]
 #: keys whose value names something: a repeated one replaces, never concatenates
 _NAMING = frozenset({"index", "type", "id", "role"})
 #: per-chunk noise that is no part of the answer (OpenAI's stream obfuscation padding)
@@ -82,7 +86,7 @@ class ChunkAssembler:
     """Folds chunks into one ``chat.completion`` (or ``text_completion``, when the chunks' choices
     carry ``text``); ``finished`` once every choice has a finish_reason."""
 
-    __slots__ = ("_choices", "_head", "_settled", "_text", "usage")
+    __slots__ = ("_choices", "_head", "_settled", "_shape", "_text", "usage")
 
     def __init__(self) -> None:
         self._head: dict[str, Any] = {}
@@ -92,6 +96,9 @@ class ChunkAssembler:
         self._text = False
         #: the keys of a chunk whose top-level fields can add nothing more (each held already, none an object)
         self._settled: frozenset[str] = frozenset()
+        #: a content-only chunk's event around its content (before, after) and the choice it adds to:
+        #: an event that is those bytes around a string adds that string and nothing else
+        self._shape: _Shape | None = None
 
     def add(self, chunk: ChatCompletionChunk | dict[str, Any]) -> None:
         self.add_all((chunk,))
@@ -99,7 +106,22 @@ class ChunkAssembler:
     def add_all(self, chunks: Iterable[ChatCompletionChunk | dict[str, Any]]) -> None:
         """Fold chunks in their order (a batch of them: one call for what one read brought)."""
         states = self._choices
+        shape = self._shape
         for chunk in chunks:
+            if shape is not None and type(chunk) is RawChunk:
+                # the shape's bytes around something, and as many keys at each level as the shape
+                # (what is between adds no key, no choice): only the content is new
+                raw = chunk.raw
+                before, after, sizes, message = shape
+                if len(raw) > len(before) + len(after) and raw.startswith(before) and raw.endswith(after):
+                    choices = chunk["choices"]
+                    choice = choices[0]
+                    delta = choice["delta"]
+                    content = delta.get("content")
+                    have = message.get("content")
+                    if (len(chunk), len(choices), len(choice), len(delta)) == sizes and type(content) is str and type(have) is str:
+                        message["content"] = have + content
+                        continue
             if chunk.keys() != self._settled:
                 self._add_head(chunk)
             choices = chunk.get("choices")
@@ -117,6 +139,8 @@ class ChunkAssembler:
                             if type(have) is str:
                                 message["content"] = have + content
                                 choices = None
+                                if shape is None and type(chunk) is RawChunk and chunk.keys() == self._settled and not chunk.get("usage"):
+                                    shape = self._shape = _shape_of(chunk, content, message)
                 for choice in choices or ():
                     self._add_choice(choice)
             usage: Any = chunk.get("usage")
@@ -197,6 +221,26 @@ class ChunkAssembler:
         if self.usage:
             body["usage"] = self.usage
         return body
+
+
+def _shape_of(chunk: RawChunk, content: str, message: dict[str, Any]) -> _Shape | None:
+    """A content-only chunk's event split around its content, when the content's JSON is in it
+    once, as the value of a ``content`` key (a provider that escapes otherwise gets no shape).
+
+    Another event with the same bytes around, and the same number of keys in the chunk, its
+    choice and its delta and one choice, holds a new content and nothing else: whatever stood
+    between would have added a key or a choice (a delta's logprobs, a second choice)."""
+    raw = chunk.raw
+    encoded = orjson.dumps(content)
+    if raw.count(encoded) != 1:
+        return None
+    at = raw.index(encoded)
+    before = raw[:at]
+    if not before.rstrip().endswith(b'"content":'):
+        return None
+    choices = chunk["choices"]
+    sizes = (len(chunk), len(choices), len(choices[0]), len(choices[0]["delta"]))
+    return before, raw[at + len(encoded) :], sizes, message
 
 
 def _extend(into: dict[str, Any], logprobs: dict[str, Any]) -> None:
