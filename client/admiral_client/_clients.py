@@ -47,7 +47,27 @@ def _sdk_args(
     return {"base_url": base_url or route.gateway, "api_key": api_key or os.environ.get("ADMIRAL_API_KEY"), "http_client": http_client}
 
 
-class OpenAI(openai.OpenAI):
+class _Routed:
+    """The constructor both clients share: the SDK's, with its arguments from :func:`_sdk_args`."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        fallbacks: FallbacksArg = None,
+        outage: Outage | None = None,
+        connect_timeout: float = 3.0,
+        first_byte_timeout: float = 60.0,
+        transport: Any = None,
+        http_client: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        route_args = (fallbacks, outage, connect_timeout, first_byte_timeout)
+        super().__init__(**_sdk_args(self, base_url, api_key, route_args, transport, http_client), **kwargs)  # type: ignore[arg-type,call-arg]
+
+
+class OpenAI(_Routed, openai.OpenAI):
     """``openai.OpenAI`` for the gateway at ``base_url`` that calls ``fallbacks`` while it is unreachable.
 
     ``fallbacks``: a list of ``{"base_url", "api_key", "models": {public name: provider model id}}``
@@ -60,38 +80,6 @@ class OpenAI(openai.OpenAI):
     transport the calls go through (proxy, TLS settings); the SDK's own ``http_client`` is not taken.
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        fallbacks: FallbacksArg = None,
-        outage: Outage | None = None,
-        connect_timeout: float = 3.0,
-        first_byte_timeout: float = 60.0,
-        transport: Any = None,
-        http_client: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        route_args = (fallbacks, outage, connect_timeout, first_byte_timeout)
-        super().__init__(**_sdk_args(self, base_url, api_key, route_args, transport, http_client), **kwargs)
 
-
-class AsyncOpenAI(openai.AsyncOpenAI):
+class AsyncOpenAI(_Routed, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` with the gateway fallbacks of :class:`OpenAI` (same arguments)."""
-
-    def __init__(
-        self,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        fallbacks: FallbacksArg = None,
-        outage: Outage | None = None,
-        connect_timeout: float = 3.0,
-        first_byte_timeout: float = 60.0,
-        transport: Any = None,
-        http_client: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        route_args = (fallbacks, outage, connect_timeout, first_byte_timeout)
-        super().__init__(**_sdk_args(self, base_url, api_key, route_args, transport, http_client), **kwargs)
