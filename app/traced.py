@@ -34,25 +34,29 @@ if TYPE_CHECKING:
     from app.storage.response_cache import ResponseCache
 
 
-class TracedCache:
-    """The response cache with each lookup in a ``cache lookup`` span; everything else passes through."""
+class _Around:
+    """A part wrapped with spans: what a subclass does not trace passes through to ``_inner``."""
 
-    def __init__(self, cache: Any, telemetry: Telemetry) -> None:
-        self._cache = cache
+    def __init__(self, inner: Any, telemetry: Telemetry) -> None:
+        self._inner = inner
         self._tracer = telemetry.tracer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class TracedCache(_Around):
+    """The response cache with each lookup in a ``cache lookup`` span; everything else passes through."""
 
     @classmethod
     def around(cls, cache: ResponseCache, telemetry: Telemetry) -> ResponseCache:
         return cast("ResponseCache", cls(cache, telemetry))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cache, name)
-
     async def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
         if not recording():
-            return await self._cache.get(key, *args, **kwargs)
+            return await self._inner.get(key, *args, **kwargs)
         with self._tracer.start_as_current_span("cache lookup", attributes={"admiral.cache.key": key[:16]}) as span:
-            stored = await self._cache.get(key, *args, **kwargs)
+            stored = await self._inner.get(key, *args, **kwargs)
             if stored is None:
                 span.set_attribute("admiral.cache", "miss")
             else:
@@ -102,7 +106,7 @@ class _TracedTicket:
         self._span.end()
 
 
-class TracedInflight:
+class TracedInflight(_Around):
     """The single-flight coordinator with each wait in a ``dedupe`` span.
 
     A leader's span is the parent of the shared upstream call (the call's task starts inside it);
@@ -111,24 +115,20 @@ class TracedInflight:
     """
 
     def __init__(self, coordinator: InflightCoordinator, telemetry: Telemetry) -> None:
-        self._coordinator = coordinator
-        self._tracer = telemetry.tracer
+        super().__init__(coordinator, telemetry)
         #: cache key -> the span of the leader waiting on this replica
         self._leaders: dict[str, SpanContext] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._coordinator, name)
-
     def __len__(self) -> int:
-        return len(self._coordinator)
+        return len(self._inner)
 
     async def join(self, key: str, ctx: RequestContext, call: SharedCall) -> Ticket:
         if not recording():
-            return await self._coordinator.join(key, ctx, call)
+            return await self._inner.join(key, ctx, call)
         span = self._tracer.start_span("dedupe", attributes={"admiral.cache.key": key[:16]})
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            ticket = await self._coordinator.join(key, ctx, call)
+            ticket = await self._inner.join(key, ctx, call)
         except BaseException as exc:
             failed(span, exc)
             span.end()
@@ -211,27 +211,20 @@ class AttemptSpan:
         return answer
 
 
-class TracedSlots:
+class TracedSlots(_Around):
     """The provider slots, with a ``backpressure wait`` span when a call has to queue for one."""
-
-    def __init__(self, slots: Any, telemetry: Telemetry) -> None:
-        self._slots = slots
-        self._tracer = telemetry.tracer
 
     @classmethod
     def around(cls, slots: ProviderSlots, telemetry: Telemetry) -> ProviderSlots:
         return cast("ProviderSlots", cls(slots, telemetry))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._slots, name)
-
     def __contains__(self, provider: str) -> bool:
-        return provider in self._slots
+        return provider in self._inner
 
     async def acquire(self, provider: str) -> None:
-        load = self._slots.load(provider)
+        load = self._inner.load(provider)
         if load is None or load.in_flight < load.max_concurrency or not recording():
-            await self._slots.acquire(provider)
+            await self._inner.acquire(provider)
             return
         attrs = {
             "admiral.backend": provider,
@@ -241,7 +234,7 @@ class TracedSlots:
         }
         with self._tracer.start_as_current_span("backpressure wait", attributes=attrs, record_exception=False, set_status_on_exception=False) as span:
             try:
-                await self._slots.acquire(provider)
+                await self._inner.acquire(provider)
             except BaseException as exc:
                 failed(span, exc)
                 span.set_attribute("admiral.queue.outcome", "timeout")
@@ -249,12 +242,11 @@ class TracedSlots:
             span.set_attribute("admiral.queue.outcome", "acquired")
 
 
-class TracedEngine:
+class TracedEngine(_Around):
     """An in-process engine (kind: vllm) with each call in an INTERNAL ``<provider> generate`` span."""
 
     def __init__(self, provider: Provider, telemetry: Telemetry) -> None:
-        self._provider = provider
-        self._tracer = telemetry.tracer
+        super().__init__(provider, telemetry)
         self._attributes = dict(telemetry.provider_of(provider.name))
         self.name = provider.name
 
@@ -263,19 +255,16 @@ class TracedEngine:
         """``providers`` with each in-process engine traced (HTTP providers' calls are the attempt spans)."""
         return {name: cls(p, telemetry) if getattr(settings.providers.get(name), "kind", None) == "vllm" else p for name, p in providers.items()}  # type: ignore[misc]
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._provider, name)
-
     def _span(self, request: UpstreamRequest) -> Span:
         attrs = {**self._attributes, "gen_ai.operation.name": OPERATIONS.get(request.endpoint, request.endpoint), "gen_ai.request.model": request.model}
         return self._tracer.start_span(f"{self._attributes['gen_ai.provider.name']} generate", kind=SpanKind.INTERNAL, attributes=attrs)
 
     async def complete(self, request: UpstreamRequest) -> dict[str, Any]:
         if not recording():
-            return await self._provider.complete(request)
+            return await self._inner.complete(request)
         span = self._span(request)
         try:
-            body = await self._provider.complete(request)
+            body = await self._inner.complete(request)
         except BaseException as exc:
             failed(span, exc)
             span.end()
@@ -288,7 +277,7 @@ class TracedEngine:
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
         if not recording():
-            plain = self._provider.stream(request)
+            plain = self._inner.stream(request)
             try:
                 async for chunk in plain:
                     yield chunk
@@ -297,7 +286,7 @@ class TracedEngine:
             return
         span = self._span(request)
         notes = AnswerNotes(False)
-        chunks = self._provider.stream(request)
+        chunks = self._inner.stream(request)
         first = True
         try:
             async for chunk in chunks:
