@@ -5,11 +5,12 @@ The HTTP work is the lane's (:mod:`app.api.lane`), the answer the serving step's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from fastapi import FastAPI
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.api.errors import validation_error
 from app.api.schemas import ChatCompletionRequest, request_body_schema
@@ -26,16 +27,24 @@ _valid_recently: Recent[bytes, bool] = Recent()
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    if _valid_recently.get(raw):
+    return checked_body(raw, ChatCompletionRequest, _valid_recently)
+
+
+def checked_body(
+    raw: bytes, schema: type[BaseModel], recent: Recent[bytes, bool], refusal: Callable[[list[dict[str, Any]]], Exception] = validation_error
+) -> dict[str, Any]:
+    """The JSON object in ``raw`` once ``schema`` and the stream options accept it (``refusal``
+    makes the error of what the schema refused); bodies ``recent`` accepted are only decoded."""
+    if recent.get(raw):
         return orjson.loads(raw)  # type: ignore[no-any-return]
     body = json_object(raw)
     try:
-        ChatCompletionRequest.model_validate(body)
+        schema.model_validate(body)
     except ValidationError as exc:
-        raise validation_error(list(exc.errors())) from None
+        raise refusal([dict(e) for e in exc.errors()]) from None
     check_stream_options(body)
     if len(raw) <= BODY_MAX_BYTES:
-        _valid_recently.put(raw, True)
+        recent.put(raw, True)
     return body
 
 
@@ -89,6 +98,9 @@ _OPERATION: dict[str, Any] = {
     "summary": "Chat Completions",
     "operationId": "chat_completions_v1_chat_completions_post",
     "responses": {
-        "200": {"description": "A chat.completion, or with stream: true an SSE stream of chat.completion.chunk events", "content": {"application/json": {"schema": {}}}}
+        "200": {
+            "description": "A chat.completion, or with stream: true an SSE stream of chat.completion.chunk events",
+            "content": {"application/json": {"schema": {}}},
+        }
     },
 }

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from app.api.chat import check_stream_options, json_object
+from app.api.chat import checked_body
 from app.api.errors import validation_error
 from app.api.schemas import StreamOptions, request_body_schema
 from app.errors import BadRequestError
-from app.memo import BODY_MAX_BYTES, Recent
+from app.memo import Recent
 from app.pipeline.base import COMPLETIONS, ModelRequest
 
 PATH = "/v1/completions"
@@ -80,22 +79,14 @@ _valid_recently: Recent[bytes, bool] = Recent()
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    if _valid_recently.get(raw):
-        return orjson.loads(raw)  # type: ignore[no-any-return]
-    body = json_object(raw)
-    try:
-        CompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        errors: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
-        if errors and not errors[0].get("loc"):
-            # a model-level rule (best_of): name the field it is about
-            message = str(errors[0].get("msg", "")).removeprefix("Value error, ")
-            raise BadRequestError(message, param="best_of") from None
-        raise validation_error(errors) from None
-    check_stream_options(body)
-    if len(raw) <= BODY_MAX_BYTES:
-        _valid_recently.put(raw, True)
-    return body
+    return checked_body(raw, CompletionRequest, _valid_recently, _refusal)
+
+
+def _refusal(errors: list[dict[str, Any]]) -> BadRequestError:
+    if errors and not errors[0].get("loc"):
+        # a model-level rule (best_of): name the field it is about
+        return BadRequestError(str(errors[0].get("msg", "")).removeprefix("Value error, "), param="best_of")
+    return validation_error(errors)
 
 
 def parse_request(raw: bytes) -> ModelRequest:
