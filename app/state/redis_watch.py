@@ -16,7 +16,7 @@ publishes ``v:<key>`` in the same round trip; whoever writes shared-cache entrie
 Until the subscription is live and the scan done, after it breaks, and while Redis is away, both
 answer "ask Redis" (a fetch, a "maybe"), and what they held is dropped; they start again empty
 once it is back. A notice is delivered a moment after its write: another replica may act on the
-value it replaced for that moment (a breaker opened elsewhere is seen a few milliseconds later).
+value it replaced for that moment (a breaker opened elsewhere is seen once the notice arrives; that delay was not measured).
 """
 
 from __future__ import annotations
