@@ -17,6 +17,7 @@ import httpx
 import openai
 import orjson
 import pytest
+import sqlalchemy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -821,6 +822,48 @@ def test_store_writes_what_waits_at_close(tmp_path: Any) -> None:
         await store.aclose()
         again = ResponseStore(engine)
         assert await again.get("resp_late", "alpha") is not None
+        await engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_a_response_deleted_while_its_write_is_under_way_stays_deleted(tmp_path: Any) -> None:
+    # the delete comes while the insert is on its way, and the flush's own delete of the row fails
+    # once: until that delete has been tried again (after the backoff), a read must not find the
+    # row the client was told is gone, and the retry must not forget it
+    url = f"sqlite+aiosqlite:///{tmp_path}/store.db"
+    upgrade_to_head(url)
+    failures = [1]
+
+    def slow(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # runs on the event loop (SQLAlchemy's async engine calls it there): the sleep holds the
+        # insert under way while the test's delete is already waiting to run
+        if statement.startswith("INSERT INTO stored_responses"):
+            time.sleep(0.1)
+        elif statement.startswith("DELETE FROM stored_responses") and failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("database is locked")
+
+    async def run() -> None:
+        engine = create_engine(url)
+        sqlalchemy.event.listen(engine.sync_engine, "before_cursor_execute", slow)
+        store = ResponseStore(engine, retention_days=None, backoff_s=0.3)
+        store.start()
+        try:
+            store.put(_record("resp_gone"))
+            while not store._writing:
+                await asyncio.sleep(0.005)
+            assert await store.delete("resp_gone", "alpha")
+            assert not await store.delete("resp_gone", "alpha")
+            seen = []
+            while store._doomed:
+                seen.append(await store.get("resp_gone", "alpha"))
+                await asyncio.sleep(0.02)
+            assert len(seen) >= 5 and seen == [None] * len(seen)
+            assert store.failures == 1  # the failed delete was tried again
+        finally:
+            await store.aclose()
+        assert await ResponseStore(engine).get("resp_gone", "alpha") is None
         await engine.dispose()
 
     asyncio.run(run())

@@ -84,8 +84,9 @@ class ResponseStore:
         self._clock = clock
         #: accepted, not yet in the table (reads find them here)
         self._pending: dict[str, StoredRecord] = {}
-        #: ids deleted while their insert was on its way: deleted again once it has landed
-        self._deleted_in_flight: set[str] = set()
+        #: ids deleted while their insert was on its way: absent to reads, deleted from the table by
+        #: the next flush (kept until that delete succeeds, so a failed one is tried again)
+        self._doomed: set[str] = set()
         self._writing: set[str] = set()
         self._writer = WriteBehind(self._flush, name="stored-responses-writer", backoff_s=backoff_s, max_backoff_s=max_backoff_s)
         self._pruner: asyncio.Task[None] | None = None
@@ -109,6 +110,8 @@ class ResponseStore:
         record = self._pending.get(response_id)
         if record is not None:
             return record if record.agent == agent else None
+        if response_id in self._doomed:
+            return None
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(TABLE).where(TABLE.c.id == response_id, TABLE.c.agent == agent))).first()
         if row is None:
@@ -123,8 +126,12 @@ class ResponseStore:
                 return False
             del self._pending[response_id]
             if response_id in self._writing:
-                self._deleted_in_flight.add(response_id)
+                # its insert may land after this returns: reads skip it until the flush has deleted it
+                self._doomed.add(response_id)
+                self._writer.wake()
             return True
+        if response_id in self._doomed:
+            return False
         async with self._engine.begin() as conn:
             result = await conn.execute(delete(TABLE).where(TABLE.c.id == response_id, TABLE.c.agent == agent))
         return bool(result.rowcount)
@@ -146,7 +153,7 @@ class ResponseStore:
             self._pruner = None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                while self._pending and not await self._flush():
+                while (self._pending or self._doomed) and not await self._flush():
                     await asyncio.sleep(self._backoff_s)
         if self._pending:
             log.error("stored responses: database unreachable at shutdown; %d response(s) not stored", len(self._pending))
@@ -154,21 +161,20 @@ class ResponseStore:
     # -- the background side ----------------------------------------------------------------
 
     async def _flush(self) -> bool:
-        """Insert what is pending; False (kept for a retry) when the database failed."""
+        """Insert what is pending, then delete what was deleted meanwhile; False (kept for a retry) when the database failed."""
         batch = list(self._pending.values())
-        if not batch:
+        if not batch and not self._doomed:
             return True
-        ids = {r.id for r in batch}
-        self._writing = ids
+        self._writing = {r.id for r in batch}
         try:
-            async with self._engine.begin() as conn:
-                await conn.execute(self._insert, [r.row() for r in batch])
-            # deleted while the insert was on its way (until the last await, so none is missed)
-            gone: set[str] = set()
-            while waiting := (self._deleted_in_flight & ids) - gone:
+            if batch:
                 async with self._engine.begin() as conn:
-                    await conn.execute(delete(TABLE).where(TABLE.c.id.in_(waiting)))
-                gone |= waiting
+                    await conn.execute(self._insert, [r.row() for r in batch])
+            # deleted while the insert was on its way (until the last await, so none is missed)
+            while doomed := set(self._doomed):
+                async with self._engine.begin() as conn:
+                    await conn.execute(delete(TABLE).where(TABLE.c.id.in_(doomed)))
+                self._doomed -= doomed
         except Exception as exc:  # noqa: BLE001 -- any database failure: the rows wait for the next try
             self.failures += 1
             log.warning(
@@ -179,8 +185,6 @@ class ResponseStore:
             return False
         finally:
             self._writing = set()
-            # a deleted record is out of the queue: it is never written again, nor deleted again
-            self._deleted_in_flight -= ids
         for record in batch:
             # a put after the batch was taken replaced nothing: ids are never reused
             if self._pending.get(record.id) is record:
