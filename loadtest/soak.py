@@ -15,8 +15,10 @@ process, asyncio tasks (``/admin/runtime``), database and WAL size, requests ans
 the faults caused and failures they did not, and latency of the minute's plain requests. Samples
 go to ``samples.jsonl``, the verdict to ``summary.md`` (and stdout): after the warm-up each
 figure must stay within 5 % (the database grows by design, one request-log row per request: it
-is judged by its bytes per request instead), and no request may fail that the faults did not
-cause. Exit status 0 when both hold.
+is judged by its bytes per request instead; descriptors are judged without the TCP connections of
+the pools and of the clients' keep-alive, whose number follows the last minute's concurrency: those
+must stay within their pools' bounds), and no request may fail that the faults did not cause.
+Exit status 0 when all hold.
 """
 
 from __future__ import annotations
@@ -149,6 +151,36 @@ def _proc_status(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _connections(pid: int, own_port: int, upstream_port: int) -> dict[str, int]:
+    """The TCP connections ``pid`` holds open, by peer: the pools' (to the upstream, PostgreSQL,
+    Redis) and the clients' keep-alive connections to the gateway.
+
+    Their number at a quiet moment is set by how many were in use at once in the last keep-alive
+    period, not by anything the gateway keeps: descriptors are judged without them, and they are
+    judged against their pools' bounds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    peers = {upstream_port: "upstream", 5432: "postgresql", 6379: "redis"}
+    counts = dict.fromkeys(("clients", *peers.values()), 0)
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                if inode not in inodes or state == "0A":  # not this process's, or a listening socket
+                    continue
+                if int(local.rsplit(":", 1)[1], 16) == own_port:
+                    counts["clients"] += 1
+                elif (peer := peers.get(int(remote.rsplit(":", 1)[1], 16))) is not None:
+                    counts[peer] += 1
+    return counts
+
+
 def _psql(database: str, sql: str) -> str:
     cmd = ["psql", "-h", HOST, "-U", "postgres", "-d", database, "-v", "ON_ERROR_STOP=1", "-qtAc", sql]
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
@@ -199,7 +231,7 @@ class Traffic:
 async def client(gw: Gateway, tally: Tally, traffic: Traffic, key: list[str], seed: int) -> None:
     rng = random.Random(seed)
     counter = itertools.count()
-    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
+    limits = httpx.Limits(max_connections=CLIENT_CONNECTIONS, max_keepalive_connections=CLIENT_CONNECTIONS)
     async with httpx.AsyncClient(base_url=f"{gw.url}/v1", timeout=30, limits=limits) as http:
         while not traffic.stop.is_set():
             await traffic.running.wait()
@@ -272,9 +304,10 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, counter: iter
 # -- sampling ----------------------------------------------------------------------------------
 
 
-async def sample(gw: Gateway, tally: Tally, started: float, log_lines: int) -> dict[str, Any]:
+async def sample(gw: Gateway, tally: Tally, started: float, log_lines: int, upstream_port: int) -> dict[str, Any]:
     assert gw.proc is not None
     rss, fds = await asyncio.to_thread(_proc_status, gw.proc.pid)
+    connections = await asyncio.to_thread(_connections, gw.proc.pid, gw.port, upstream_port)
     async with httpx.AsyncClient(timeout=10) as http:
         runtime = (await http.get(f"{gw.url}/admin/runtime", headers={"Authorization": f"Bearer {ADMIN}"})).json()
     if gw.database_url.startswith("sqlite"):
@@ -293,6 +326,9 @@ async def sample(gw: Gateway, tally: Tally, started: float, log_lines: int) -> d
         "minute": round((time.monotonic() - started) / 60, 2),
         "rss_mb": round(rss / 2**20, 1),
         "open_fds": fds,
+        # what the process holds besides pooled and keep-alive connections: files, listeners, pipes
+        "held_fds": fds - sum(connections.values()),
+        "connections": connections,
         "asyncio_tasks": runtime["asyncio_tasks"],
         "threads": runtime["threads"],
         "db_mb": round(db / 2**20, 2),
@@ -359,7 +395,7 @@ async def run(args: argparse.Namespace, gateways: list[Gateway], upstream_port: 
             for gw in gateways:
                 if gw.proc is None or gw.proc.poll() is not None:
                     raise RuntimeError(f"{gw.name} gateway died; see {gw.log}")
-                row = await sample(gw, tallies[gw.name], started, log_lines[gw.name])
+                row = await sample(gw, tallies[gw.name], started, log_lines[gw.name], upstream_port)
                 samples.append(row)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
@@ -376,10 +412,14 @@ async def run(args: argparse.Namespace, gateways: list[Gateway], upstream_port: 
 
 # -- the verdict -------------------------------------------------------------------------------
 
-FLAT_FIGURES = ("rss_mb", "open_fds", "asyncio_tasks", "wal_mb")
+FLAT_FIGURES = ("rss_mb", "held_fds", "asyncio_tasks", "wal_mb")
+#: how many connections each pool may hold at most (the provider's max_concurrency, SQLAlchemy's
+#: pool_size + max_overflow); the clients' keep-alive connections are bounded by the run's clients
+POOL_BOUNDS = {"upstream": 256, "postgresql": 20}
+CLIENT_CONNECTIONS = 4  # httpx's max_connections per client below
 
 
-def summarize(samples: list[dict[str, Any]], warmup_min: float, duration_s: float) -> tuple[str, bool]:
+def summarize(samples: list[dict[str, Any]], warmup_min: float, duration_s: float, clients: int) -> tuple[str, bool]:
     lines = [f"# Soak run: {duration_s / 60:.0f} min, samples every minute, warm-up {warmup_min:g} min", ""]
     ok = True
     for name in dict.fromkeys(s["gateway"] for s in samples):
@@ -388,12 +428,12 @@ def summarize(samples: list[dict[str, Any]], warmup_min: float, duration_s: floa
         lines += [
             f"## {name}",
             "",
-            "| minute | RSS MB | fds | tasks | threads | DB MB | WAL MB | answered | fault failures | unexpected | log ERRORs | plain p50 ms | p99 ms |",
-            "|" + " --- |" * 13,
+            "| minute | RSS MB | fds | held fds | connections (clients/upstream/pg/redis) | tasks | threads | DB MB | WAL MB | answered | fault failures | unexpected | log ERRORs | plain p50 ms | p99 ms |",
+            "|" + " --- |" * 15,
         ]
         for s in rows:
             lines.append(
-                f"| {s['minute']:.0f} | {s['rss_mb']} | {s['open_fds']} | {s['asyncio_tasks']} | {s['threads']} | {s['db_mb']} | {s['wal_mb']} | {s['answered']} | "
+                f"| {s['minute']:.0f} | {s['rss_mb']} | {s['open_fds']} | {s['held_fds']} | {'/'.join(str(n) for n in s['connections'].values())} | {s['asyncio_tasks']} | {s['threads']} | {s['db_mb']} | {s['wal_mb']} | {s['answered']} | "
                 f"{s['fault_failures']} | {s['unexpected_failures']} | {s['log_errors']} | {s['plain_p50_ms']} | {s['plain_p99_ms']} |"
             )
         lines.append("")
@@ -405,6 +445,14 @@ def summarize(samples: list[dict[str, Any]], warmup_min: float, duration_s: floa
             verdict = "flat" if spread <= FLAT else "NOT FLAT"
             ok &= spread <= FLAT
             lines.append(f"- {figure}: {low:g} to {high:g} after the warm-up ({spread:.1%}): {verdict}")
+        bounds = {"clients": clients * CLIENT_CONNECTIONS, **POOL_BOUNDS}
+        for peer in after[0]["connections"]:
+            counts = [s["connections"][peer] for s in after]
+            bound = bounds.get(peer)
+            within = bound is None or max(counts) <= bound
+            ok &= within
+            verdict = "" if bound is None else f" (bound {bound}): {'within' if within else 'OVER'}"
+            lines.append(f"- connections, {peer}: {min(counts)} to {max(counts)} after the warm-up{verdict}")
         grow = [(b["db_mb"] - a["db_mb"]) * 2**20 / max(1, b["answered"] - a["answered"]) for a, b in itertools.pairwise(after)]
         if grow:
             lines.append(
@@ -461,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(subprocess.TimeoutExpired):
             fake.wait(10)
         fake_log.close()
-    report, ok = summarize(samples, warmup_s / 60, args.duration)
+    report, ok = summarize(samples, warmup_s / 60, args.duration, args.clients)
     (out / "summary.md").write_text(report + "\n")
     print(report)
     return 0 if ok else 1
