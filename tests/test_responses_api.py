@@ -869,6 +869,35 @@ def test_a_response_deleted_while_its_write_is_under_way_stays_deleted(tmp_path:
     asyncio.run(run())
 
 
+def test_stored_responses_are_pruned_after_the_request_logs_retention(up: FakeUpstream, tmp_path: Any) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/retention.db"
+    upgrade_to_head(url)
+    day = 86400
+
+    async def keep(*records: StoredRecord) -> None:
+        engine = create_engine(url)
+        store = ResponseStore(engine)
+        for record in records:
+            store.put(record)
+        await store.aclose()  # writes what waits
+        await engine.dispose()
+
+    now = time.time()
+    asyncio.run(keep(_record("resp_last_week", created_at=now - 7 * day), _record("resp_yesterday", created_at=now - day / 2)))
+    with gateway(config(up, f'database: {{url: "{url}", retention_days: 3}}')) as gw:
+        alpha = client(gw)
+        deadline = time.monotonic() + 30  # the retention task runs once at start, then hourly
+        while time.monotonic() < deadline:
+            try:
+                alpha.responses.retrieve("resp_last_week")
+            except openai.NotFoundError:
+                break
+            time.sleep(0.05)
+        with pytest.raises(openai.NotFoundError):
+            alpha.responses.retrieve("resp_last_week")
+        assert alpha.responses.retrieve("resp_yesterday").id == "resp_yesterday"
+
+
 # -- providers with responses: native ---------------------------------------------------------------
 
 
