@@ -25,7 +25,7 @@ Vendor exceptions are translated at the provider boundary (``raise UpstreamError
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -182,43 +182,102 @@ class ContextLengthError(UpstreamClientError):
     #: no call was made: the model's ``context_window`` for the deployment ruled it out
     skipped = False
 
-    def __init__(self, message: str, *, status: int = 400, **kwargs: Any) -> None:
+    def __init__(self, message: str, *, status: int = 400, endpoint: str = "chat", **kwargs: Any) -> None:
         if kwargs.get("param") is None:
-            kwargs["param"] = "messages"
+            kwargs["param"] = prompt_param(endpoint)
         if kwargs.get("code") is None:
             kwargs.pop("code", None)
         super().__init__(message, status=status, **kwargs)
 
 
+#: the request field that holds the prompt, per endpoint: what a too-long prompt's 400 names when
+#: the provider names none (the Messages API's is ``messages``, as chat's)
+_PROMPT_PARAMS = {"completions": "prompt", "embeddings": "input"}
+
+
+def prompt_param(endpoint: str) -> str:
+    """The field holding the prompt of a request to ``endpoint`` (chat, completions, embeddings, ...)."""
+    return _PROMPT_PARAMS.get(endpoint, "messages")
+
+
 #: how providers say a prompt is too long for the model (their code, or these words in the message):
-#: OpenAI, vLLM, DeepSeek, OpenRouter "maximum context length"; Groq, Cerebras "reduce the length
-#: of the messages"; Mistral "too large for model with N maximum context length"; Anthropic "prompt
-#: is too long"; Gemini "input token count (N) exceeds the maximum number of tokens"; Together/TGI
-#: "`inputs` tokens + `max_new_tokens` must be <="; llama.cpp "exceeds the available context size"
+#: OpenAI, vLLM, DeepSeek, OpenRouter "maximum context length"; vLLM's engine "longer than the
+#: maximum model length"; Groq, Cerebras "reduce the length of the messages"; Mistral "too large
+#: for model with N maximum context length"; Anthropic "prompt is too long"; Gemini "input token
+#: count (N) exceeds the maximum number of tokens"; xAI "maximum prompt length is N but the request
+#: contains"; Together "the input (N tokens) is longer than the model's context length"; TGI
+#: "`inputs` tokens + `max_new_tokens` must be <="; llama.cpp "exceeds the available context size";
+#: Ollama "prompt too long; exceeded max context length"
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "context_window_exceeded", "model_context_window_exceeded"})
 _CONTEXT_WORDS = re.compile(
-    r"maximum context length|context length exceeded|context_length_exceeded|exceeds? (?:the )?(?:model'?s? )?context (?:window|length)"
+    r"maximum context length|max context length|context length exceeded|context_length_exceeded"
+    r"|exceeds? (?:the )?(?:model'?s? )?context (?:window|length)|longer than the (?:model'?s? )?(?:context length|maximum model length)"
     r"|context window (?:exceeded|is exceeded|too small)|reduce the length of the (?:messages|prompt|input)|too large for model with"
-    r"|prompt is too long|input is too long for|input token count.{0,40}exceeds the maximum"
+    r"|prompt is too long|input is too long for|input token count.{0,40}exceeds the maximum|maximum prompt length is \d+"
     r"|tokens \+ `?max_new_tokens`? must be|exceeds the available context size",
     re.IGNORECASE,
 )
 
 
-def as_context_length(exc: GatewayError) -> ContextLengthError | None:
+def says_too_long(message: str) -> bool:
+    """Whether a provider's (or vLLM's) error message says the prompt does not fit the model's context."""
+    return _CONTEXT_WORDS.search(message) is not None
+
+
+class ProviderErrorFields(NamedTuple):
+    """What a provider's error body says, whichever shape it came in."""
+
+    message: str
+    type: str | None = None
+    code: str | None = None
+    param: str | None = None
+
+
+def provider_error_fields(body: Any) -> ProviderErrorFields:
+    """The message, type, code and param of a provider's decoded error body.
+
+    OpenAI's shape nests them (``{"error": {"message": ..., "code": ...}}``; some put a bare string
+    under ``error``); Mistral's puts them at the top (``{"object": "error", "message": ...,
+    "code": "3051"}``). A code that comes as a number is given as text; a field that is not a
+    scalar is absent. A body in neither shape gives an empty message.
+    """
+    if not isinstance(body, dict):
+        return ProviderErrorFields("")
+    nested = body.get("error")
+    if isinstance(nested, str):
+        return ProviderErrorFields(nested)
+    fields = nested if isinstance(nested, dict) else body
+    message = fields.get("message")
+    return ProviderErrorFields(
+        message if isinstance(message, str) else "",
+        type=_scalar(fields.get("type")),
+        code=_scalar(fields.get("code")),
+        param=_scalar(fields.get("param")),
+    )
+
+
+def _scalar(value: Any) -> str | None:
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    return str(value) or None
+
+
+def as_context_length(exc: GatewayError, endpoint: str = "chat") -> ContextLengthError | None:
     """``exc`` as a :class:`ContextLengthError` when it is a provider's 400/413/422 saying the prompt
-    is too long for the model (or the in-process engine's 400 coded so); None for any other error."""
+    is too long for the model (or the in-process engine's 400 coded so); None for any other error.
+
+    A provider that names no field gets the one holding the prompt on ``endpoint``."""
     if isinstance(exc, ContextLengthError):
         return exc
     if type(exc) is BadRequestError:
         if exc.code not in _CONTEXT_CODES:
             return None
-        return ContextLengthError(exc.message, code=exc.code, param=exc.param)
+        return ContextLengthError(exc.message, code=exc.code, param=exc.param, endpoint=endpoint)
     if not isinstance(exc, UpstreamClientError) or exc.status not in (400, 413, 422):
         return None
-    if exc.code not in _CONTEXT_CODES and not _CONTEXT_WORDS.search(exc.message):
+    if exc.code not in _CONTEXT_CODES and not says_too_long(exc.message):
         return None
-    return ContextLengthError(exc.message, status=400, backend=exc.backend, error_type=exc.error_type, code=exc.code, param=exc.param)
+    return ContextLengthError(exc.message, status=400, backend=exc.backend, error_type=exc.error_type, code=exc.code, param=exc.param, endpoint=endpoint)
 
 
 class BackendUnavailableError(UpstreamError):

@@ -65,7 +65,10 @@ Provider quirks, checked before the behaviour: ``up.refuse_params = {"logprobs",
 above 1, ``messages[].name`` in any message), as Groq, Cerebras or Mistral refuse what they do not
 take; ``up.context_limit = N`` answers a request whose messages (or prompt) hold more than N words
 with the context-length 400 ``up.context_error`` gives as ``(message, code)`` (OpenAI's wording
-by default; ``{limit}`` and ``{words}`` in the message are filled in).
+by default; ``{limit}`` and ``{words}`` in the message are filled in). ``up.error_shape = "top"``
+gives these refusals (and ``refuse``'s) in Mistral's shape, the fields at the top of the body
+(``{"object": "error", "message": ..., "type": ..., "param": ..., "code": ...}``) instead of
+under ``error``.
 """
 
 from __future__ import annotations
@@ -152,9 +155,9 @@ def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
 _CONTEXT_ERROR = ("This model's maximum context length is {limit} tokens. However, your messages resulted in {words} tokens.", "context_length_exceeded")
 
 
-def _client_error(message: str, code: str | None, param: str | None) -> web.Response:
+def _client_error(message: str, code: str | None, param: str | None, shape: str = "nested") -> web.Response:
     error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    return web.json_response({"error": error}, status=400)
+    return web.json_response({"object": "error", **error} if shape == "top" else {"error": error}, status=400)
 
 
 def _refused(body: dict[str, Any], refuse: set[str]) -> str | None:
@@ -209,6 +212,8 @@ class FakeUpstream:
         self.refuse_params: set[str] = set()
         self.context_limit: int | None = None
         self.context_error: tuple[str, str | None] = _CONTEXT_ERROR
+        #: "nested" (OpenAI's ``{"error": {...}}``) or "top" (Mistral's fields at the top) for client errors
+        self.error_shape = "nested"
         # counters are written under the lock by the server thread; reading them needs none
         self.calls = self.inflight = self.peak_inflight = self.cancelled = self.held = 0
         self._gate: asyncio.Event | None = None  # closed while set and not yet set(); loop thread only
@@ -278,6 +283,7 @@ class FakeUpstream:
                 self._script.clear()
                 self.behaviour, self.by_model, self.latency, self.answers = "ok", {}, 0.0, {}
                 self.refuse_params, self.context_limit, self.context_error = set(), None, _CONTEXT_ERROR
+                self.error_shape = "nested"
         if behaviours:
             self.release()
 
@@ -447,15 +453,15 @@ class FakeUpstream:
             return _error(400)
         refused = _refused(body, self.refuse_params)
         if refused is not None:
-            return _client_error(f"{refused} is not supported by this model", "unsupported_parameter", refused)
+            return _client_error(f"{refused} is not supported by this model", "unsupported_parameter", refused, self.error_shape)
         if self.context_limit is not None:
             said = [m.get("content") for m in body.get("messages") or () if isinstance(m, dict)] or [body.get("prompt") or body.get("input")]
             words = sum(len(_text(c).split()) for c in said)
             if words > self.context_limit:
                 message, code = self.context_error
-                return _client_error(message.format(limit=self.context_limit, words=words), code, "messages" if code else None)
+                return _client_error(message.format(limit=self.context_limit, words=words), code, "messages" if code else None, self.error_shape)
         if name == "refuse":
-            return _client_error("temperature must be at most 2", "invalid_value", "temperature")
+            return _client_error("temperature must be at most 2", "invalid_value", "temperature", self.error_shape)
         if name == "status":
             return _error(int(arg))
         if name == "429":

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from app.config import ConfigError
-from app.errors import BadRequestError, ContextLengthError, GatewayError, UpstreamClientError
+from app.errors import BadRequestError, ContextLengthError, GatewayError, ProviderErrorFields, UpstreamClientError, provider_error_fields
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
 from app.pipeline.base import Deployment, ModelRequest, RequestContext
@@ -38,8 +38,12 @@ WORDINGS = {
     "mistral": "Prompt contains {words} tokens and 0 draft tokens, too large for model with {limit} maximum context length",
     "anthropic-style": "prompt is too long: {words} tokens > {limit} maximum",
     "gemini": "The input token count ({words}) exceeds the maximum number of tokens allowed ({limit}).",
-    "together": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limit}. Given: {words} `inputs` tokens and 16 `max_new_tokens`",
+    "tgi": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limit}. Given: {words} `inputs` tokens and 16 `max_new_tokens`",
     "llama.cpp": "the request exceeds the available context size, try increasing it",
+    "xai": "This model's maximum prompt length is {limit} but the request contains {words} tokens.",
+    "together": "The input ({words} tokens) is longer than the model's context length ({limit} tokens).",
+    "ollama": "prompt too long; exceeded max context length by {words} tokens",
+    "vllm-engine": "The decoder prompt (length {words}) is longer than the maximum model length of {limit}. Make sure that `max_model_len` is no smaller than the number of text tokens.",
 }
 
 
@@ -132,6 +136,51 @@ def test_when_none_has_room_the_client_gets_the_400_with_its_code(sdk: openai.Op
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "context_length_exceeded", "messages")
     assert "small/fake-model" in error["message"] and "big/fake-model" in error["message"] and "maximum context length is 8" in error["message"]
     assert (small.calls, big.calls) == (1, 1)  # three rounds allowed, none repeated: no retry helps a prompt too long
+
+
+def test_the_400_names_the_field_holding_the_prompt_on_each_endpoint(sdk: openai.OpenAI, small: FakeUpstream, big: FakeUpstream) -> None:
+    # providers that name no field (Mistral's wording, no code): the endpoint says which it is
+    for upstream in (small, big):
+        upstream.context_limit, upstream.context_error = 3, (WORDINGS["mistral"], None)
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(model="long", prompt=LONG)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.embeddings.create(model="long", input=LONG)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(sdk, "long", LONG)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "messages"
+    # skipped by their windows, uncalled: the same
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(model="tiny", prompt="y" * 60)
+    assert isinstance(info.value.body, dict) and (info.value.body["code"], info.value.body["param"]) == ("context_length_exceeded", "prompt")
+    assert (small.calls, big.calls) == (3, 3)
+
+
+def test_a_refusal_in_mistrals_top_level_shape_is_read(sdk: openai.OpenAI, small: FakeUpstream, big: FakeUpstream) -> None:
+    small.error_shape = big.error_shape = "top"
+    small.context_error = (WORDINGS["mistral"], "3051")
+    assert ask(sdk, "long", LONG).headers["x-admiral-backend"] == "big"
+    assert (small.calls, big.calls) == (1, 1)
+    # any other refusal reaches the client with the provider's words and fields
+    small.refuse_params = {"seed"}
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(sdk, "long", "short", seed=3)
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert "seed is not supported by this model" in error["message"]
+    assert (error["code"], error["param"]) == ("unsupported_parameter", "seed")
+
+
+def test_provider_error_fields_reads_either_shape() -> None:
+    nested = {"error": {"message": "too long", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}
+    top = {"object": "error", "message": "too large for model with 8192 maximum context length", "type": "invalid_request_error", "param": None, "code": 3051}
+    assert provider_error_fields(nested) == ProviderErrorFields("too long", "invalid_request_error", "context_length_exceeded", "messages")
+    assert provider_error_fields(top) == ProviderErrorFields("too large for model with 8192 maximum context length", "invalid_request_error", "3051", None)
+    assert provider_error_fields({"error": "quota exceeded"}) == ProviderErrorFields("quota exceeded")
+    assert provider_error_fields({"error": {"message": ["a"], "code": {"x": 1}, "param": True}}) == ProviderErrorFields("")
+    assert provider_error_fields(["not", "an", "object"]) == provider_error_fields({"detail": "Not Found"}) == ProviderErrorFields("")
 
 
 def test_a_refusal_of_another_kind_still_ends_the_request(sdk: openai.OpenAI, small: FakeUpstream, big: FakeUpstream) -> None:

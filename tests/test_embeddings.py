@@ -270,6 +270,45 @@ circuit_breaker: {{failure_threshold: 1}}
     assert len(upstream.embedding_requests) == 1 and len(upstream2.embedding_requests) == 2
 
 
+def test_one_answer_never_mixes_two_deployments_vectors(upstream: FakeUpstream) -> None:
+    cfg = f"""
+keys:
+  - {{key: {KEY}, agent: embedder}}
+providers:
+  one: {{kind: openai, base_url: "{upstream.base_url}", api_key: sk-one-secret}}
+  demo: {{kind: demo}}
+models:
+  mixed: [one/e1, demo/demo-embed]
+retry: {{attempts: 1}}
+circuit_breaker: {{failure_threshold: 100}}
+"""
+
+    def demo(item: str) -> list[float]:
+        return f32(demo_vector(item, DEMO_DIMENSIONS).tolist())
+
+    with gateway(cfg) as gw:
+        sdk = openai.OpenAI(base_url=gw.base_url, api_key=KEY, max_retries=0)
+
+        def embed(items: list[str]) -> tuple[str, str, list[list[float]]]:
+            raw = sdk.embeddings.with_raw_response.create(model="mixed", input=items, encoding_format="float")
+            return raw.headers["x-admiral-cache"], raw.parse().model, [f32(d.embedding) for d in raw.parse().data]
+
+        assert embed(["alpha"]) == ("miss", "e1", [fake_vector("alpha")])
+        # one fails: beta comes from demo, and so must alpha, though one's alpha is cached
+        upstream.behaviour = "500"
+        assert embed(["alpha", "beta"]) == ("miss", "demo-embed", [demo("alpha"), demo("beta")])
+        assert asked(upstream) == [["alpha"], ["beta"]]
+        # demo's vectors are what the cache holds now
+        assert embed(["beta", "alpha"]) == ("hit", "demo-embed", [demo("beta"), demo("alpha")])
+        # one is back and answers gamma: the cached alpha (demo's) is asked of one too
+        upstream.behaviour = "ok"
+        assert embed(["alpha", "gamma"]) == ("miss", "e1", [fake_vector("alpha"), fake_vector("gamma")])
+        assert asked(upstream)[2:] == [["gamma"], ["alpha"]]
+        # hits of two deployments: those of the one holding most are used, the rest asked for
+        assert embed(["alpha", "beta", "gamma"]) == ("partial", "e1", [fake_vector("alpha"), fake_vector("beta"), fake_vector("gamma")])
+        assert asked(upstream)[4:] == [["beta"]]
+
+
 def test_agent_limits_count_embedding_tokens(upstream: FakeUpstream) -> None:
     with gateway(config(upstream, key_extra=", tpm: 100")) as gw:
         client = openai.OpenAI(base_url=gw.base_url, api_key=KEY, max_retries=0)

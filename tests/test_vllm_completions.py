@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from app.pipeline.streaming import ChunkAssembler
+from tests.fake_upstream import FakeUpstream
 from tests.hostile import wait_for
 from tests.support import GatewayServer, gateway
 from tests.vllm_support import ENGINE, MAX_MODEL_LEN, tokenizer
@@ -28,11 +29,15 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def gw(tiny_model: Path) -> Iterator[GatewayServer]:
+def gw(tiny_model: Path, up: FakeUpstream) -> Iterator[GatewayServer]:
     config = {
         "keys": [{"key": KEY, "agent": "local-agent"}],
-        "providers": {"local": {"kind": "vllm", "model": str(tiny_model), "engine": ENGINE}},
-        "models": {"tiny": ["local/tiny"]},
+        "providers": {
+            "local": {"kind": "vllm", "model": str(tiny_model), "engine": ENGINE},
+            "roomy": {"kind": "openai", "base_url": up.base_url, "api_key": "sk-roomy-secret"},
+        },
+        # a prompt longer than the engine's context goes on to a provider with room
+        "models": {"tiny": ["local/tiny"], "fallback": ["local/tiny", "roomy/big"]},
         "retry": {"attempts": 1},
     }
     with gateway(config) as server:
@@ -143,3 +148,31 @@ def test_what_the_engine_cannot_serve_is_a_400(client: openai.OpenAI, extra: dic
                 list(result)
         body = caught.value.body
         assert isinstance(body, dict) and body["param"] == param, body
+
+
+#: more tokens than the engine's context holds
+TOO_LONG = "word " * (MAX_MODEL_LEN + 10)
+
+
+def test_a_prompt_too_long_for_the_engine_goes_to_the_next_deployment(client: openai.OpenAI, up: FakeUpstream) -> None:
+    up.reset()
+    chat = client.chat.completions.with_raw_response.create(model="fallback", messages=[{"role": "user", "content": TOO_LONG}], max_tokens=4)
+    assert chat.headers["x-admiral-backend"] == "roomy" and chat.parse().choices[0].message.content == "echo: " + TOO_LONG
+    text = client.completions.with_raw_response.create(model="fallback", prompt=TOO_LONG + "plain", max_tokens=4)
+    assert text.headers["x-admiral-backend"] == "roomy" and text.parse().choices[0].text == "echo: " + TOO_LONG + "plain"
+    with client.completions.with_streaming_response.create(model="fallback", prompt=TOO_LONG + "streamed", max_tokens=4, stream=True) as streamed:
+        assert streamed.headers["x-admiral-backend"] == "roomy"
+        assert "".join(c.choices[0].text for c in streamed.parse() if c.choices).strip() == "echo: " + TOO_LONG + "streamed"
+    assert up.calls == 3
+    # the engine alone: its 400 says why, on the field holding the prompt
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            result = client.completions.create(model="tiny", prompt=TOO_LONG, stream=stream)
+            if stream:
+                list(result)
+        body = caught.value.body
+        assert isinstance(body, dict) and (body["code"], body["param"]) == ("context_length_exceeded", "prompt"), body
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": TOO_LONG}])
+    body = caught.value.body
+    assert isinstance(body, dict) and (body["code"], body["param"]) == ("context_length_exceeded", "messages"), body

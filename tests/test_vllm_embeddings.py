@@ -16,6 +16,7 @@ import pytest
 from app.cli import main
 from app.providers.vllm_engine import VLLMEngineProvider, validate_engine_args
 from app.vectors import base64_to_floats
+from tests.fake_upstream import FakeUpstream, fake_vector
 from tests.support import GatewayServer, gateway
 
 KEY = "sk-agent-embed-local1"
@@ -38,11 +39,15 @@ def embedding_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gw(embedding_model: Path) -> Iterator[GatewayServer]:
+def gw(embedding_model: Path, up: FakeUpstream) -> Iterator[GatewayServer]:
     cfg = {
         "keys": [{"key": KEY, "agent": "embedder"}],
-        "providers": {"local": {"kind": "vllm", "model": str(embedding_model), "engine": ENGINE}},
-        "models": {"vectors": ["local/tiny-embed"]},
+        "providers": {
+            "local": {"kind": "vllm", "model": str(embedding_model), "engine": ENGINE},
+            "roomy": {"kind": "openai", "base_url": up.base_url, "api_key": "sk-roomy-secret"},
+        },
+        # an input longer than the engine's context goes on to a provider with room
+        "models": {"vectors": ["local/tiny-embed"], "fallback": ["local/tiny-embed", "roomy/big-embed"]},
         "retry": {"attempts": 1},
     }
     with gateway(cfg) as server:
@@ -121,6 +126,17 @@ def test_what_the_engine_refuses_is_a_400_naming_the_param(gw: GatewayServer) ->
     assert too_wide.status_code == 400 and too_wide.json()["error"]["param"] == "dimensions"
     too_long = httpx.post(url, headers=AUTH, json={"model": "vectors", "input": [list(range(5, 5 + MAX_LEN + 10))]}, timeout=60)
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input"
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
     chat = httpx.post(f"{gw.base_url}/chat/completions", headers=AUTH, json={"model": "vectors", "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
     assert chat.status_code == 400
     assert chat.json()["error"]["param"] == "model" and "embedding model" in chat.json()["error"]["message"]
+
+
+def test_an_input_too_long_for_the_engine_goes_to_the_next_deployment(client: openai.OpenAI, up: FakeUpstream) -> None:
+    up.reset()
+    text = "word " * (MAX_LEN + 10)
+    raw = client.embeddings.with_raw_response.create(model="fallback", input=[text, "short"], encoding_format="float")
+    assert raw.headers["x-admiral-backend"] == "roomy" and raw.parse().model == "big-embed"
+    # both from the provider that took the long one: one answer, one model's vectors
+    assert [d.embedding for d in raw.parse().data] == [pytest.approx(fake_vector(text), abs=1e-6), pytest.approx(fake_vector("short"), abs=1e-6)]
+    assert up.calls == 1

@@ -7,6 +7,13 @@ cached), ``miss`` (none was) or ``partial``. An item's key is the route, the nam
 answer-deciding field of the body (``dimensions`` and provider extras; not ``encoding_format``,
 ``user``) and the item itself, a string or a token id array.
 
+One answer never mixes vectors of two deployments (two models' vectors do not compare, and may
+not even be of one length). Each item's entry remembers the deployment that embedded it; the hits
+used are those of one deployment (the one holding most of them), so a batch of 100 with 3 new
+items still asks for those 3. When failover has the missing items answered by another deployment
+than the one the hits came from, the hits are asked of that deployment too, in a second call given
+only it; the answer is then a ``miss``, and the entries now hold that deployment's vectors.
+
 Vectors are asked of the provider as base64 (float32) and kept so; the edge writes them in the
 encoding each client asks for (:mod:`app.api.embeddings`). Other endpoints pass to the exact
 response cache unchanged.
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import Counter
 from typing import Any, NamedTuple, cast
 
 import orjson
@@ -24,7 +32,7 @@ from app.errors import UpstreamBadResponseError
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
 from app.pipeline.base import EMBEDDINGS, Deployment, Handler, ModelRequest, RequestContext
-from app.pipeline.cache_key import KEY_VERSION, NEUTRAL_FIELDS, _normal
+from app.pipeline.cache_key import KEY_VERSION, NEUTRAL_FIELDS, _normal, compute_cache_key
 from app.shapes import ChatCompletion
 from app.storage.response_cache import CachedAnswer, ResponseCache
 from app.vectors import BASE64, as_base64
@@ -76,7 +84,7 @@ class EmbeddingCacheLayer:
             return await self._exact(request, ctx)
         items = items_of(request.body["input"])
         keys = item_keys(request, ctx, items)
-        found = await self._lookup(keys) if ctx.cache_read else {}
+        found = _one_deployment(await self._lookup(keys)) if ctx.cache_read else {}
         # the items to ask for, each once, in their first order
         missing = {key: item for key, item in zip(keys, items, strict=True) if key not in found}
         if ctx.cache_read:
@@ -97,18 +105,44 @@ class EmbeddingCacheLayer:
             ctx.cache_status = "partial" if found else "miss"
         else:
             ctx.cache_status = "bypass"
-        ask = ModelRequest({**request.body, "input": list(missing.values()), "encoding_format": BASE64}, b"", EMBEDDINGS)
-        # dedupe keys the call it joins by what is asked (the missing items), not by the whole batch
-        ctx.cache_key = None
-        answer = await self._upstream(ask, ctx)
+        made, entries = await self._ask(request, ctx, missing)
+        answering = ctx.deployment
+        if found and answering is not None and next(iter(found.values())).stored.deployment != str(answering):
+            # failover had another deployment answer than the one the hits came from
+            wanted = dict(zip(keys, items, strict=True))
+            again, more = await self._ask(request, ctx, {key: wanted[key] for key in found}, pinned=answering)
+            made["usage"] = _usage_sum(made.get("usage"), again.get("usage"))
+            entries |= more
+            ctx.cache_status = "miss"
+        else:
+            entries |= {key: hit.entry for key, hit in found.items()}
+        return _answer(_assembled(keys, entries, made))
+
+    async def _ask(
+        self, request: ModelRequest, ctx: RequestContext, wanted: dict[str, Item], pinned: Deployment | None = None
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The provider's answer for ``wanted`` (key -> item), and each item's entry, stored unless ``no-store``.
+
+        ``pinned``: the one deployment that may answer (failover is given it alone)."""
+        ask = ModelRequest({**request.body, "input": list(wanted.values()), "encoding_format": BASE64}, b"", EMBEDDINGS)
+        # dedupe keys the call it joins by what is asked (the missing items), not by the whole batch;
+        # a pinned call joins only calls pinned to the same deployment
+        ctx.cache_key = None if pinned is None else hashlib.sha256(f"{compute_cache_key(ask, ctx)} {pinned}".encode()).hexdigest()
+        route = ctx.deployments
+        if pinned is not None:
+            ctx.deployments = [pinned]
+        try:
+            answer = await self._upstream(ask, ctx)
+        finally:
+            ctx.deployments = route
         made: dict[str, Any] = dict(answer.body)
-        entries = {key: hit.entry for key, hit in found.items()}
         model = made.get("model")
-        for key, item in zip(missing, _vectors(made, len(missing), ctx.backend), strict=True):
+        entries: dict[str, dict[str, Any]] = {}
+        for key, item in zip(wanted, _vectors(made, len(wanted), ctx.backend), strict=True):
             entries[key] = entry = {"item": item, "model": model}
             if ctx.cache_write:
                 self._cache.put(key, ctx.cache_namespace, entry, ctx.backend, str(ctx.deployment) if ctx.deployment else None)
-        return _answer(_assembled(keys, entries, made))
+        return made, entries
 
     async def _lookup(self, keys: list[str]) -> dict[str, _Hit]:
         cache = self._cache
@@ -138,6 +172,21 @@ class _Hit(NamedTuple):
 
     stored: CachedAnswer
     entry: dict[str, Any]
+
+
+def _one_deployment(found: dict[str, _Hit]) -> dict[str, _Hit]:
+    """The hits of the deployment that embedded most of them (on a tie, the one of the earliest item)."""
+    counts = Counter(hit.stored.deployment for hit in found.values())
+    if len(counts) <= 1:
+        return found
+    chosen = counts.most_common(1)[0][0]
+    return {key: hit for key, hit in found.items() if hit.stored.deployment == chosen}
+
+
+def _usage_sum(first: Any, second: Any) -> dict[str, int]:
+    """The usage of two calls that made one answer."""
+    parts = [u for u in (first, second) if isinstance(u, dict)]
+    return {name: sum(u.get(name) or 0 for u in parts) for name in ("prompt_tokens", "total_tokens")}
 
 
 def _vectors(made: dict[str, Any], count: int, backend: str) -> list[dict[str, Any]]:

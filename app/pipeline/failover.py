@@ -118,7 +118,7 @@ class FailoverLayer:
                         raise
                     raise self._exhausted(ctx, last, calls, deadline_hit=True) from None
                 except (UpstreamError, BadRequestError) as exc:
-                    too_long = as_context_length(exc)
+                    too_long = as_context_length(exc, request.endpoint)
                     if too_long is not None:
                         # another deployment may have room for it; this one will not, this round or the next
                         last[deployment] = too_long
@@ -160,7 +160,7 @@ class FailoverLayer:
             window = windows.get(deployment)
             if window is not None and needed > window:
                 message = f"skipped: its context window is {window} tokens, the request needs about {needed}"
-                skip = last[deployment] = ContextLengthError(message, backend=deployment.provider)
+                skip = last[deployment] = ContextLengthError(message, backend=deployment.provider, endpoint=request.endpoint)
                 skip.skipped = True
                 ctx.tried.append(f"{deployment}: {message}")
 
@@ -190,7 +190,8 @@ def too_long_everywhere(route: str, detail: str, errors: list[UpstreamError]) ->
         f"The prompt is too long for every deployment of '{route}': {detail}",
         error_type=said.error_type if said is not None else None,
         code=said.code if said is not None else None,
-        param=said.param if said is not None else None,
+        # a skip names the field holding the prompt on the request's endpoint
+        param=(said or errors[0]).param,
     )
 
 

@@ -24,7 +24,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from app.errors import BackendUnavailableError, BadRequestError, UpstreamError
+from app.errors import BackendUnavailableError, BadRequestError, UpstreamError, says_too_long
 from app.providers.base import UpstreamRequest
 from app.providers.vllm_params import DEFAULT_MAX_TOKENS, RequestPlan, param_of, plan_request, sampling_params
 from app.providers.vllm_text import TextRequest, TextWriter, text_request, text_usage
@@ -237,7 +237,7 @@ class VLLMEngineProvider:
         try:
             _, (prompt,) = await engine.renderer.render_chat_async([messages], ChatParams(chat_template_kwargs=template_kwargs))
         except (VLLMClientError, ValueError, TypeError, KeyError) as exc:
-            raise BadRequestError(f"invalid messages for {self._model}: {exc}", param=param_of(exc, payload) or "messages") from None
+            raise _refusal(exc, f"invalid messages for {self._model}: {exc}", param_of(exc, payload) or "messages", prompt="messages") from None
         return prompt, len(prompt["prompt_token_ids"])
 
     def _skip_special_tokens(self, engine: Any, plan: RequestPlan) -> bool:
@@ -300,7 +300,7 @@ class VLLMEngineProvider:
                 finished = output.finished
                 yield output
         except VLLMClientError as exc:
-            raise BadRequestError(str(exc), param=param_of(exc, request.payload, plan)) from None
+            raise _refusal(exc, str(exc), param_of(exc, request.payload, plan), prompt="messages") from None
         except GracefulHTTPError as exc:
             raise BackendUnavailableError(f"vLLM engine {self.name} is busy: {exc.message}", backend=self.name, retry_after=1) from None
         except EngineDeadError as exc:
@@ -412,7 +412,7 @@ class VLLMEngineProvider:
                 # checked by the engine only once the request runs, where it names no field
                 engine.renderer.validate_token_ids(prompt["prompt_token_ids"], parameter="prompt")
         except (VLLMClientError, ValueError, TypeError, KeyError) as exc:
-            raise BadRequestError(f"invalid prompt for {self._model}: {exc}", param="prompt") from None
+            raise _refusal(exc, f"invalid prompt for {self._model}: {exc}", "prompt", prompt="prompt") from None
         texts = [p.get("prompt", "") for p in text.prompts]
         if text.echo:
             tokenizer = engine.renderer.get_tokenizer()
@@ -524,7 +524,7 @@ class VLLMEngineProvider:
                 final = output
         except (VLLMClientError, ValueError) as exc:
             # what vLLM refuses of an embedding request is its dimensions or an input (too long, bad token ids)
-            raise BadRequestError(f"{self.name}: {exc}", param="dimensions" if "dimensions" in str(exc) else "input") from None
+            raise _refusal(exc, f"{self.name}: {exc}", "dimensions" if "dimensions" in str(exc) else "input", prompt="input") from None
         except GracefulHTTPError as exc:
             raise BackendUnavailableError(f"vLLM engine {self.name} is busy: {exc.message}", backend=self.name, retry_after=1) from None
         except EngineDeadError as exc:
@@ -543,6 +543,19 @@ class VLLMEngineProvider:
         return final.outputs.data.float().tolist(), len(final.prompt_token_ids or ())
 
 
+#: the names vLLM's renderer gives the length it finds too long (its message says the rest)
+_LENGTH_PARAMETERS = frozenset({"input_tokens", "input_text"})
+
+
+def _refusal(exc: BaseException, message: str, param: str | None, *, prompt: str) -> BadRequestError:
+    """vLLM's refusal of a request as a 400 naming ``param``; one saying the prompt is longer than
+    the model's context is coded ``context_length_exceeded`` on ``prompt`` (the field holding it),
+    so that failover moves on to a deployment with a larger context."""
+    if getattr(exc, "parameter", None) in _LENGTH_PARAMETERS or says_too_long(str(exc)):
+        return BadRequestError(message, param=prompt, code="context_length_exceeded")
+    return BadRequestError(message, param=param)
+
+
 @contextlib.contextmanager
 def _prompt_param() -> Iterator[None]:
     """A text completion's prompt is ``prompt``: the engine's checks name the chat field, ``messages``."""
@@ -551,4 +564,4 @@ def _prompt_param() -> Iterator[None]:
     except BadRequestError as exc:
         if exc.param != "messages":
             raise
-        raise BadRequestError(exc.message.replace("'messages'", "'prompt'"), param="prompt") from None
+        raise BadRequestError(exc.message.replace("'messages'", "'prompt'"), param="prompt", code=exc.code) from None
