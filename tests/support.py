@@ -68,12 +68,14 @@ class GatewayServer:
 
     def start(self) -> GatewayServer:
         self._thread.start()
-        deadline = time.monotonic() + 30
+        # generous: a config with an in-process engine imports vLLM first, which a loaded machine
+        # has been seen to take over 30 s for
+        deadline = time.monotonic() + 120
         while not self._server.started:
             if not self._thread.is_alive():
                 raise RuntimeError("gateway failed to start")
             if time.monotonic() > deadline:
-                raise RuntimeError("gateway did not start in 30 s")
+                raise RuntimeError("gateway did not start in 120 s")
             time.sleep(0.01)
         self.loop = self._find_loop()
         return self
