@@ -71,6 +71,11 @@ class ExportSettings:
     #: None: OTEL_TRACES_SAMPLER / _ARG decide (default: parent-based, always on)
     sample_ratio: float | None
     service_name: str
+    #: the export queue's bounds (see :func:`_batching`)
+    queue_size: int
+    batch_size: int
+    interval_s: float
+    timeout_s: float
 
 
 def _env(env: Mapping[str, str], name: str) -> str | None:
@@ -104,7 +109,50 @@ def export_settings(config: TelemetryConfig, env: Mapping[str, str]) -> ExportSe
     headers = {k: v.get_secret_value() for k, v in config.headers.items()} or None
     ratio = config.sample_ratio
     service = config.service_name or _env(env, "OTEL_SERVICE_NAME") or "admiral-optimizer"
-    return ExportSettings(protocol, endpoint, headers, ratio, service)
+    return ExportSettings(protocol, endpoint, headers, ratio, service, *_batching(config, env))
+
+
+def _batching(config: TelemetryConfig, env: Mapping[str, str]) -> tuple[int, int, float, float]:
+    """Queue size, batch size, export interval and timeout: each ``telemetry`` key set in the config,
+    else its ``OTEL_*`` variable (times in milliseconds, as the specification says), else the key's default.
+
+    The exporter's timeout (the traces-only variable first) and the batch processor's both bound
+    one export: the smaller one set is the timeout.
+    """
+
+    def pick(key: str, from_env: Callable[[], float | None]) -> Any:
+        found = None if key in config.model_fields_set else from_env()
+        return getattr(config, key) if found is None else found
+
+    def timeout() -> float | None:
+        exporter = _milliseconds(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or _milliseconds(env, "OTEL_EXPORTER_OTLP_TIMEOUT")
+        return min((t for t in (exporter, _milliseconds(env, "OTEL_BSP_EXPORT_TIMEOUT")) if t is not None), default=None)
+
+    return (
+        pick("queue_size", lambda: _positive(env, "OTEL_BSP_MAX_QUEUE_SIZE", int)),
+        pick("batch_size", lambda: _positive(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", int)),
+        pick("export_interval_s", lambda: _milliseconds(env, "OTEL_BSP_SCHEDULE_DELAY")),
+        pick("export_timeout_s", timeout),
+    )
+
+
+def _positive(env: Mapping[str, str], name: str, kind: Callable[[str], float]) -> float | None:
+    """The variable's value when set; :class:`ConfigError` when it is not a positive number of ``kind``."""
+    raw = _env(env, name)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise ConfigError(f"{name}: {raw!r} is not a positive {'whole ' if kind is int else ''}number")
+    return value
+
+
+def _milliseconds(env: Mapping[str, str], name: str) -> float | None:
+    value = _positive(env, name, float)
+    return None if value is None else value / 1000
 
 
 def _traces_url(base: str) -> str:
@@ -211,17 +259,16 @@ class Telemetry:
 
     @classmethod
     def start(cls, export: ExportSettings, settings: Settings, metrics: Metrics) -> Telemetry:
-        config = settings.telemetry
         resource = Resource.create({"service.name": export.service_name, "service.version": "0.1.0"})
         sampler = ParentBased(TraceIdRatioBased(export.sample_ratio)) if export.sample_ratio is not None else None
         provider = TracerProvider(resource=resource, sampler=sampler)
         processor = ExportQueue(
-            _exporter(export, config.export_timeout_s),
+            _exporter(export, export.timeout_s),
             metrics.spans_dropped,
-            max_queue=config.queue_size,
-            batch_size=config.batch_size,
-            interval_s=config.export_interval_s,
-            timeout_s=config.export_timeout_s,
+            max_queue=export.queue_size,
+            batch_size=export.batch_size,
+            interval_s=export.interval_s,
+            timeout_s=export.timeout_s,
         )
         provider.add_span_processor(processor)
         log.info("tracing on: OTLP %s to %s", export.protocol, _origin(export.endpoint))

@@ -2,20 +2,21 @@
 
 Events reach a queue bound to the exchange, as the webhooks' JSON, persistent, with a message id;
 a broker that goes away mid-run (connections closed, or the app stopped and started) loses none
-of them while the gateway keeps serving; a broker that cannot be reached costs requests nothing
-and a full queue drops and counts.
+of them while the gateway keeps serving; an event the broker refuses counts as failed (the confirm
+says so); a broker that cannot be reached costs requests nothing and a full queue drops and counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import aio_pika
 import httpx
@@ -29,6 +30,19 @@ pytestmark = pytest.mark.rabbitmq
 BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 KEY = "sk-agent-amqp-00001"
 
+T = TypeVar("T")
+
+
+def on_broker(work: Callable[[aio_pika.abc.AbstractChannel], Awaitable[T]]) -> T:
+    """What ``work`` gives, run on a channel of its own connection to the broker."""
+
+    async def run() -> T:
+        connection = await aio_pika.connect(BROKER)
+        async with connection:
+            return await work(await connection.channel())
+
+    return asyncio.run(run())
+
 
 @pytest.fixture
 def exchange() -> Iterator[tuple[str, str]]:
@@ -36,44 +50,35 @@ def exchange() -> Iterator[tuple[str, str]]:
     name = f"admiral-test-{uuid.uuid4().hex[:12]}"
     queue = f"{name}-events"
 
-    async def declare() -> None:
-        connection = await aio_pika.connect(BROKER)
-        async with connection:
-            channel = await connection.channel()
-            ex = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-            q = await channel.declare_queue(queue, durable=True)
-            await q.bind(ex, "agents.optimizer.#")
+    async def declare(channel: aio_pika.abc.AbstractChannel) -> None:
+        ex = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+        q = await channel.declare_queue(queue, durable=True)
+        await q.bind(ex, "agents.optimizer.#")
 
-    async def delete() -> None:
-        connection = await aio_pika.connect(BROKER)
-        async with connection:
-            channel = await connection.channel()
-            await channel.queue_delete(queue)
-            await channel.exchange_delete(name)
+    async def delete(channel: aio_pika.abc.AbstractChannel) -> None:
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(name)
 
-    asyncio.run(declare())
+    on_broker(declare)
     try:
         yield name, queue
     finally:
         broker_running()
-        asyncio.run(delete())
+        on_broker(delete)
 
 
 def received(queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
     """Every message waiting in ``queue`` (acknowledged, so it is emptied)."""
 
-    async def drain() -> list[aio_pika.abc.AbstractIncomingMessage]:
-        connection = await aio_pika.connect(BROKER)
+    async def drain(channel: aio_pika.abc.AbstractChannel) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        q = await channel.get_queue(queue)
         messages = []
-        async with connection:
-            channel = await connection.channel()
-            q = await channel.get_queue(queue)
-            while (message := await q.get(no_ack=False, fail=False)) is not None:
-                await message.ack()
-                messages.append(message)
+        while (message := await q.get(no_ack=False, fail=False)) is not None:
+            await message.ack()
+            messages.append(message)
         return messages
 
-    return asyncio.run(drain())
+    return on_broker(drain)
 
 
 def config(up: FakeUpstream, exchange: str, url: str = BROKER, extra: str = "") -> str:
@@ -122,12 +127,30 @@ def rabbitmqctl(*args: str) -> None:
 
 def broker_running() -> None:
     """Start the broker's app again if a test stopped it (idempotent), and wait for it."""
-    if shutil.which("rabbitmqctl"):
+    if broker_controllable():
         subprocess.run(["rabbitmqctl", "start_app"], check=False, capture_output=True, timeout=120)
         subprocess.run(["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=120)
 
 
-needs_rabbitmqctl = pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to interrupt the broker")
+@functools.cache
+def broker_controllable() -> bool:
+    """Whether ``rabbitmqctl`` is here and may talk to the node (it needs the node's Erlang cookie)."""
+    if shutil.which("rabbitmqctl") is None:
+        return False
+    try:
+        return subprocess.run(["rabbitmqctl", "status"], check=False, capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.fixture
+def broker_control() -> None:
+    """Skips a test that interrupts the broker where ``rabbitmqctl`` is missing or has no access to the node."""
+    if not broker_controllable():
+        pytest.skip("needs rabbitmqctl with access to the node to interrupt the broker")
+
+
+needs_rabbitmqctl = pytest.mark.usefixtures("broker_control")
 
 
 def test_a_real_event_reaches_the_queue_as_the_webhooks_json(upstream: FakeUpstream, exchange: tuple[str, str]) -> None:
@@ -156,6 +179,27 @@ def test_events_arrive_in_order(upstream: FakeUpstream, exchange: tuple[str, str
         wait_until(lambda: published(gw) == 20)
     bodies = [json.loads(m.body) for m in received(queue)]
     assert [b["seq"] for b in bodies] == list(range(20))
+
+
+def test_an_event_the_broker_refuses_is_counted_failed(upstream: FakeUpstream, exchange: tuple[str, str]) -> None:
+    """Only the confirm tells a refused publish from a delivered one: a full ``reject-publish``
+    queue makes the broker nack the second event, which without confirms would count as ``ok``."""
+    name, _ = exchange
+    full = f"{name}-one-only"
+
+    async def declare(channel: aio_pika.abc.AbstractChannel) -> None:
+        q = await channel.declare_queue(full, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+        await q.bind(name, "agents.optimizer.#")
+
+    on_broker(declare)
+    try:
+        with gateway(config(upstream, name)) as gw:
+            emit(gw, "optimizer.backend_down", backend="up", seq=0)
+            emit(gw, "optimizer.backend_down", backend="up", seq=1)
+            wait_until(lambda: published(gw) + published(gw, "failed") == 2, what="both publishes settled")
+            assert published(gw) == 1 and published(gw, "failed") == 1
+    finally:
+        on_broker(lambda channel: channel.queue_delete(full))
 
 
 @needs_rabbitmqctl

@@ -145,6 +145,12 @@ class OtlpReceiver:
             time.sleep(0.02)
         return list(self.spans)
 
+    def wait_for_post(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.posts == 0:
+            assert time.monotonic() < deadline, "no export reached the receiver"
+            time.sleep(0.02)
+
     def trace(self, trace_id: str, count: int) -> list[ReceivedSpan]:
         """The spans of one trace, once ``count`` of them have arrived."""
         return [s for s in self.wait_for(lambda spans: sum(s.trace_id == trace_id for s in spans) >= count) if s.trace_id == trace_id]
@@ -199,11 +205,6 @@ def one(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:
     found = by_name(spans, name)
     assert len(found) == 1, (name, [s.name for s in spans])
     return found[0]
-
-
-def trace_id_of(response: Any) -> str:
-    """The server span's trace id, as the request log row has it (read from the SQLite file)."""
-    return response.headers["x-request-id"]
 
 
 def log_row(gw: GatewayServer, request_id: str) -> dict[str, Any]:
@@ -320,6 +321,8 @@ def test_a_failover_shows_each_attempt(upstream: FakeUpstream, receiver: OtlpRec
         spans = receiver.trace(CLIENT_TRACE, 5)
         first, second = one(spans, "chat broken"), one(spans, "chat fake-model")
         assert first.failed and first.attributes["admiral.attempt"] == 1 and first.attributes["error.type"] == "upstream_error"
+        # the provider's own status on each attempt (the gateway's 502 for it is admiral.error.status)
+        assert first.attributes["http.response.status_code"] == 500 and second.attributes["http.response.status_code"] == 200
         assert first.attributes["admiral.deployment"] == "up/broken"
         assert not second.failed and second.attributes["admiral.attempt"] == 2
         assert second.attributes["admiral.failover_from"] == "up/broken" and second.attributes["admiral.retry"] == 0
@@ -400,6 +403,7 @@ def test_a_stream_is_traced_to_its_end(upstream: FakeUpstream, receiver: OtlpRec
         spans = receiver.trace(CLIENT_TRACE, 4)
         server, attempt = one(spans, "POST /v1/chat/completions"), one(spans, "chat fake-model")
         assert attempt.attributes["gen_ai.response.finish_reasons"] == ["stop"] and attempt.attributes["admiral.stream"] is True
+        assert attempt.attributes["http.response.status_code"] == 200
         assert attempt.attributes["gen_ai.usage.output_tokens"] > 0
         out = json.loads(server.attributes["gen_ai.output.messages"])
         assert out[0]["parts"][0]["content"] == text and out[0]["finish_reason"] == "stop"
@@ -449,22 +453,33 @@ def test_no_secret_in_any_attribute(upstream: FakeUpstream, receiver: OtlpReceiv
 # --- export never slows a request ---------------------------------------------------------------
 
 
-def test_a_dead_collector_costs_requests_nothing(upstream: FakeUpstream) -> None:
-    # export_timeout_s bounds the exporter's retries, and so how long the stop waits for it
-    with gateway(config(upstream, f"http://127.0.0.1:{free_port()}", telemetry=", export_timeout_s: 1")) as gw:
+@pytest.mark.parametrize("collector", ["closed port", "hanging"])
+def test_a_dead_collector_costs_requests_nothing(upstream: FakeUpstream, receiver: OtlpReceiver, collector: str) -> None:
+    hanging = collector == "hanging"
+    receiver.hang = hanging  # accepts each export and never answers
+    endpoint = receiver.url if hanging else f"http://127.0.0.1:{free_port()}"
+    # export_timeout_s bounds each export (the exporter's retries, a hung POST), and so the stop's wait for it;
+    # a request that waited for even one export would take about that long
+    with gateway(config(upstream, endpoint, telemetry=", export_timeout_s: 3")) as gw:
         for i in range(5):
+            started = time.monotonic()
             assert ask(gw, f"dead {i}").http_response.status_code == 200
+            assert time.monotonic() - started < 1.5, f"request {i} waited for the export"
         assert upstream.calls == 5
+        if hanging:
+            receiver.wait_for_post()  # the export did reach the collector, which holds it
 
 
-def test_a_full_export_queue_drops_and_counts(upstream: FakeUpstream, receiver: OtlpReceiver) -> None:
+@pytest.mark.parametrize("bounds", ["config", "environment"])
+def test_a_full_export_queue_drops_and_counts(upstream: FakeUpstream, receiver: OtlpReceiver, bounds: str, monkeypatch: pytest.MonkeyPatch) -> None:
     receiver.hang = True  # the collector accepts and never answers: the exporter's thread is stuck
-    with gateway(config(upstream, receiver.url, telemetry=", queue_size: 4, batch_size: 2, export_timeout_s: 1")) as gw:
+    if bounds == "environment":
+        monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
+        monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2")
+    keys = ", queue_size: 4, batch_size: 2" if bounds == "config" else ""
+    with gateway(config(upstream, receiver.url, telemetry=f"{keys}, export_timeout_s: 1")) as gw:
         ask(gw, "first")
-        deadline = time.monotonic() + 10
-        while receiver.posts == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        receiver.wait_for_post()
         for i in range(10):
             assert ask(gw, f"while stuck {i}").http_response.status_code == 200
         dropped = gw.services.metrics.registry.get_sample_value("admiral_spans_dropped_total")
@@ -512,6 +527,34 @@ def test_export_settings_from_the_environment() -> None:
     assert grpc is not None and grpc.protocol == "grpc" and grpc.endpoint == "http://c:4317"
     with pytest.raises(ConfigError, match="http/json"):
         export_settings(off, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_export_batching_from_the_environment() -> None:
+    """The OTEL_BSP_* and OTLP timeout variables fill the telemetry keys the config leaves unset."""
+    unset = TelemetryConfig.model_validate({})
+
+    def batching(env: dict[str, str], config: TelemetryConfig = unset) -> tuple[int, int, float, float]:
+        export = export_settings(config, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", **env})
+        assert export is not None
+        return export.queue_size, export.batch_size, export.interval_s, export.timeout_s
+
+    assert batching({}) == (2048, 512, 1.0, 10.0)  # the keys' defaults
+    bsp = {"OTEL_BSP_MAX_QUEUE_SIZE": "100", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "10", "OTEL_BSP_SCHEDULE_DELAY": "250", "OTEL_BSP_EXPORT_TIMEOUT": "30000"}
+    assert batching(bsp) == (100, 10, 0.25, 30.0)
+    # the exporter's timeout and the batch processor's both bound an export: the smaller wins
+    assert batching({**bsp, "OTEL_EXPORTER_OTLP_TIMEOUT": "5000"})[3] == 5.0
+    assert batching({**bsp, "OTEL_EXPORTER_OTLP_TIMEOUT": "5000", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2000"})[3] == 2.0
+    assert batching({"OTEL_EXPORTER_OTLP_TIMEOUT": "5000", "OTEL_BSP_EXPORT_TIMEOUT": "1500"})[3] == 1.5
+    config = TelemetryConfig.model_validate({"queue_size": 7, "export_interval_s": 2, "export_timeout_s": 4})
+    assert batching({**bsp, "OTEL_EXPORTER_OTLP_TIMEOUT": "5000"}, config) == (7, 10, 2.0, 4.0)  # a key set in the config wins
+    for name, bad in (
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2.5"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "-1"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            batching({name: bad})
 
 
 def test_telemetry_config_mistakes_name_the_key() -> None:
