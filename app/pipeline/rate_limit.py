@@ -144,6 +144,8 @@ class RateLimiter:
         self._rejections = metrics.ratelimit_rejections.labels(scope)
         #: each budget's (rpm, tpm) keys in the state store, built once
         self._keys = {name: (self._key(name, "rpm"), self._key(name, "tpm")) for name in self.limits}
+        #: each budget's take of one request from its rpm window, the same on every admission
+        self._one_request = {name: RateTake(self._keys[name][0], limit.rpm, PERIOD_S, 1) for name, limit in self.limits.items() if limit.rpm}
         self._tat: dict[str, float] = {}
         self._refused: dict[str, int] = {}
         self._refused_until: dict[str, float] = {}
@@ -197,13 +199,12 @@ class RateLimiter:
     def _key(self, name: str, unit: str) -> str:
         return f"rl:{self.scope}:{name}:{unit}"
 
-    def _mirror(self, key: str, limit: int, delta: float) -> None:
-        now = self._clock.now()
+    def _mirror(self, key: str, limit: int, delta: float, now: float) -> None:
         self._tat[key] = max(now, max(self._tat.get(key, now), now) + delta * PERIOD_S / limit)
 
     async def _give(self, key: str, limit: int, delta: float) -> None:
         await self._state.adjust_rate(key, limit, PERIOD_S, delta)
-        self._mirror(key, limit, delta)
+        self._mirror(key, limit, delta, self._clock.now())
 
     async def reserve(self, name: str, tokens: int) -> Reservation:
         """Take one request and ``tokens`` (capped at the tpm and tpd) from ``name``'s budget, or refuse.
@@ -213,32 +214,36 @@ class RateLimiter:
         limit = self.limits.get(name)
         if limit is None:
             return Reservation(name, None)
-        rpm_key, tpm_key = self._keys[name]
+        tpm_key = self._keys[name][1]
         tokens = max(tokens, 1)
         minute_tokens = min(tokens, limit.tpm) if limit.tpm else 0
         windows: list[str] = []
         rates: list[RateTake] = []
         if limit.rpm:
             windows.append("rpm")
-            rates.append(RateTake(rpm_key, limit.rpm, PERIOD_S, 1))
+            rates.append(self._one_request[name])
         if limit.tpm:
             windows.append("tpm")
             rates.append(RateTake(tpm_key, limit.tpm, PERIOD_S, minute_tokens))
         quotas: list[QuotaTake] = []
-        day, left_s = self._days.today(self._clock.now()) if limit.rpd or limit.tpd else ("", 0.0)
-        day_tokens = min(tokens, limit.tpd) if limit.tpd else 0
-        for unit, per_day, cost in (("rpd", limit.rpd, 1), ("tpd", limit.tpd, day_tokens)):
-            if per_day:
-                windows.append(unit)
-                quotas.append(QuotaTake(self._key(name, unit) + ":" + day, per_day, cost, left_s + _DAY_GRACE_S))
+        day, left_s, day_tokens = "", 0.0, 0
+        if limit.rpd or limit.tpd:
+            day, left_s = self._days.today(self._clock.now())
+            day_tokens = min(tokens, limit.tpd) if limit.tpd else 0
+            for unit, per_day, cost in (("rpd", limit.rpd, 1), ("tpd", limit.tpd, day_tokens)):
+                if per_day:
+                    windows.append(unit)
+                    quotas.append(QuotaTake(self._key(name, unit) + ":" + day, per_day, cost, left_s + _DAY_GRACE_S))
         admission = await self._state.admit(rates, quotas)
-        for quota, unit, used in zip(quotas, windows[len(rates) :], admission.used, strict=True):
-            await self._saw_day(name, unit, quota.limit, day, used, left_s)
+        if quotas:
+            for quota, unit, used in zip(quotas, windows[len(rates) :], admission.used, strict=True):
+                await self._saw_day(name, unit, quota.limit, day, used, left_s)
         if admission.refused >= 0:
             window = windows[admission.refused]
             return await self._refuse(name, limit, admission.wait_s if admission.refused < len(rates) else left_s, window)
+        now = self._clock.now()
         for take in rates:
-            self._mirror(take.key, int(take.limit), take.cost)
+            self._mirror(take.key, int(take.limit), take.cost, now)
         return Reservation(name, limit, minute_tokens, day=day, day_tokens=day_tokens)
 
     async def _saw_day(self, name: str, unit: str, limit: int, day: str, used: int, left_s: float) -> None:
@@ -349,7 +354,10 @@ async def settle_when_done(limiter: RateLimiter, reservation: Reservation, answe
         spent = spent_tokens(paid, answer.usage)
         await limiter.settle(reservation, spent.total if spent is not None else None)
 
-    await answer.when_done(settle)
+    if answer.is_stream:
+        await answer.when_done(settle)
+    else:
+        await settle(None)  # over already: no hook to register
     return answer
 
 

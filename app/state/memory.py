@@ -10,6 +10,9 @@ from app.pipeline.inflight import InflightCoordinator, LocalInflight
 from app.state.base import Admission, QuotaTake, RateTake
 from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
+#: what admitting into rate windows alone answers
+_ADMITTED = Admission(-1, 0.0, ())
+
 
 class MemoryStateStore:
     """Dicts on one event loop; each method runs without awaiting, so it is atomic."""
@@ -35,7 +38,7 @@ class MemoryStateStore:
     async def admit(self, rates: Sequence[RateTake], quotas: Sequence[QuotaTake]) -> Admission:
         now = self._clock()
         tats: list[float] = []
-        used = tuple(self._quota(q.key) for q in quotas)
+        used = tuple([self._quota(q.key) for q in quotas]) if quotas else ()
         for i, take in enumerate(rates):
             wait, new_tat = self._gcra(take, now)
             if wait > 0:
@@ -46,9 +49,12 @@ class MemoryStateStore:
                 return Admission(len(rates) + i, 0.0, used)
         for take, new_tat in zip(rates, tats, strict=True):
             self._tat[take.key] = new_tat
+        if not quotas:
+            # minute windows alone (every request of a key without daily limits)
+            return _ADMITTED
         for q, before in zip(quotas, used, strict=True):
             self._values["quota:" + q.key] = (str(before + q.cost).encode(), now + q.ttl_s)
-        return Admission(-1, 0.0, tuple(before + q.cost for q, before in zip(quotas, used, strict=True)))
+        return Admission(-1, 0.0, tuple([before + q.cost for q, before in zip(quotas, used, strict=True)]))
 
     async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
         now = self._clock()
