@@ -41,6 +41,7 @@ from uvicorn.server import ServerState
 
 from app.api.transport import CoalescingHttpToolsProtocol
 from app.config import ServerConfig
+from app.errors import anthropic_error, speaks_anthropic
 
 log = logging.getLogger("admiral.edge")
 
@@ -103,9 +104,11 @@ def connection_budget(wanted: int, open_files: int) -> int:
     return max(8, min(wanted, open_files - FD_RESERVE))
 
 
-def error_response(server_state: ServerState, status: int, message: str, error_type: str, code: str, extra: bytes = b"") -> bytes:
-    """A complete ``connection: close`` HTTP/1.1 response with an OpenAI error body."""
-    body = orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+def error_response(server_state: ServerState, status: int, message: str, error_type: str, code: str, extra: bytes = b"", path: str = "") -> bytes:
+    """A complete ``connection: close`` HTTP/1.1 response with an error body in OpenAI's shape
+    (Anthropic's for a request to ``/v1/messages``; ``path`` is empty before a request line came)."""
+    error = anthropic_error(status, message) if speaks_anthropic(path) else {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    body = orjson.dumps(error)
     head = [f"HTTP/1.1 {status} {_REASONS[status]}\r\n".encode()]
     head.extend(name + b": " + value + b"\r\n" for name, value in server_state.default_headers)
     # an x-request-id as on every answer of the gateway: clients tell its answers from a proxy's by it
@@ -308,6 +311,8 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 f"the request head (request line and headers) is larger than the gateway's limit of {self._limits.max_header_bytes} bytes",
                 "invalid_request_error",
                 "request_header_too_large",
+                # the request line's target, as far as it came
+                path=self.url.split(b"?", 1)[0].decode("latin-1"),
             )
         )
 
@@ -343,6 +348,7 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 f"the request body arrived slower than {limits.body_min_bytes_per_s} bytes/s over {limits.body_timeout_s:g} s",
                 "invalid_request_error",
                 "request_timeout",
+                path=cycle.scope["path"],
             )
         )
 

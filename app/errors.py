@@ -66,10 +66,46 @@ class GatewayError(Exception):
             }
         }
 
+    def anthropic_body(self) -> dict[str, Any]:
+        """The error in Anthropic's shape, for clients of ``/v1/messages``."""
+        message = self.message
+        # Anthropic's clients (Claude Code among them) recognise an overlong prompt by these words
+        if self.code == "context_length_exceeded" and not message.lower().startswith("prompt is too long"):
+            message = "prompt is too long: " + message
+        return anthropic_error(self.status, message)
+
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
         return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+
+
+#: where clients speak Anthropic's Messages API: every error there is in Anthropic's shape
+ANTHROPIC_PATH = "/v1/messages"
+
+#: Anthropic's error type for each status the gateway answers with (others: by class of status)
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def speaks_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """``{"type": "error", "error": {"type", "message"}}``."""
+    kind = _ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 class BadRequestError(GatewayError):

@@ -152,6 +152,23 @@ def test_a_head_just_under_the_limit_is_served(gw: ServeProcess) -> None:
     assert r.status_code == 200
 
 
+def test_on_the_messages_api_the_edge_answers_in_anthropics_shape(gw: ServeProcess) -> None:
+    # Anthropic's clients read {"type": "error", "error": {"type", "message"}}: a 431 and a 408 for
+    # a request to /v1/messages come in that shape, as the endpoint's own errors do
+    with connect(gw.port) as sock:
+        sock.sendall(b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
+        status, _, body = split_response(read_until_closed(sock))
+    assert status == 431
+    said = httpx.Response(status, content=body).json()
+    assert said["type"] == "error" and said["error"]["type"] == "invalid_request_error" and "4096" in said["error"]["message"]
+    with connect(gw.port) as sock:
+        sock.sendall(f"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {len(CHAT)}\r\n\r\n".encode() + CHAT[:10])
+        status, _, body = split_response(read_until_closed(sock))
+    assert status == 408
+    said = httpx.Response(status, content=body).json()
+    assert said["type"] == "error" and "slower than" in said["error"]["message"]
+
+
 # -- the body ------------------------------------------------------------------------------------
 
 

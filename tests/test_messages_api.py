@@ -683,6 +683,17 @@ def test_malformed_json_is_an_anthropic_400(gw: GatewayServer, raw: bytes) -> No
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_unknown_paths_and_methods_under_messages_are_anthropic_errors(gw: GatewayServer) -> None:
+    # what the gateway does not serve (message batches, say) is refused in the shape the client reads
+    r = httpx.post(gw.url + "/v1/messages/batches", headers={"x-api-key": KEY}, json={"requests": []}, timeout=10)
+    assert r.status_code == 404
+    assert r.json() == {"type": "error", "error": {"type": "not_found_error", "message": "Unknown path: POST /v1/messages/batches."}}
+    r = httpx.get(gw.url + "/v1/messages/count_tokens", headers={"x-api-key": KEY}, timeout=10)
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    # elsewhere, OpenAI's shape as before
+    assert httpx.post(gw.url + "/v1/nothing", json={}, timeout=10).json()["error"]["type"] == "not_found_error"
+
+
 def test_sdk_raises_bad_request(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(

@@ -1,4 +1,4 @@
-"""Every error leaves the gateway in OpenAI's shape with the status the SDK maps to a type."""
+"""Every error leaves the gateway in OpenAI's shape (Anthropic's under ``/v1/messages``) with the status the SDK maps to a type."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app.api.responses import json_response
-from app.errors import UNAVAILABLE, BadRequestError, GatewayError, MethodNotAllowedError, NotFoundError, database_unavailable
+from app.errors import UNAVAILABLE, BadRequestError, GatewayError, MethodNotAllowedError, NotFoundError, database_unavailable, speaks_anthropic
 
 log = logging.getLogger("admiral.api")
 
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error"}
-def error_response(exc: GatewayError) -> Response:
-    return json_response(exc.body(), exc.status, exc.headers())
+
+
+def error_response(exc: GatewayError, path: str = "") -> Response:
+    """``exc`` in OpenAI's shape, or in Anthropic's under ``/v1/messages``."""
+    return json_response(exc.anthropic_body() if speaks_anthropic(path) else exc.body(), exc.status, exc.headers())
 
 
 #: how pydantic names the member of a union in an error's location (``str``, ``list[ContentPart]``)
@@ -74,36 +77,37 @@ def method_not_allowed(method: str, path: str, allow: str) -> MethodNotAllowedEr
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def gateway_error(_: Request, exc: Exception) -> Response:
+    async def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
-    async def request_validation(_: Request, exc: Exception) -> Response:
+    async def request_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(validation_error(list(exc.errors())))
+        return error_response(validation_error(list(exc.errors())), request.url.path)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        where = f"{request.method} {_shown(request.url.path)}"
+        path = request.url.path
+        where = f"{request.method} {_shown(path)}"
         if exc.status_code == 404:
-            return error_response(NotFoundError(f"Unknown path: {where}."))
+            return error_response(NotFoundError(f"Unknown path: {where}."), path)
         if exc.status_code == 405:
-            return error_response(method_not_allowed(request.method, request.url.path, (exc.headers or {}).get("Allow", "another method")))
+            return error_response(method_not_allowed(request.method, path, (exc.headers or {}).get("Allow", "another method")), path)
         err = GatewayError(str(exc.detail))
         err.status = exc.status_code
         err.error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error")
-        response = error_response(err)
+        response = error_response(err, path)
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         return response
 
     async def unavailable(request: Request, exc: Exception) -> Response:
         log.warning("%s %s: the database is unavailable: %s: %s", request.method, request.url.path, type(exc).__name__, str(exc)[:200])
-        return error_response(database_unavailable())
+        return error_response(database_unavailable(), request.url.path)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(GatewayError("The gateway hit an internal error."))
+        return error_response(GatewayError("The gateway hit an internal error."), request.url.path)
 
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, request_validation)

@@ -23,7 +23,7 @@ from app.api.errors import method_not_allowed
 from app.api.lane import Dialect, check_content_type, read_body
 from app.api.middleware import RequestIds, declared_too_large, too_large
 from app.api.responses import json_response
-from app.errors import GatewayError
+from app.errors import ANTHROPIC_PATH, GatewayError
 from app.pipeline.answer import Answer
 from app.pipeline.base import ModelRequest, RequestContext
 from app.serving import CLIENT_CLOSED
@@ -35,36 +35,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("admiral.api")
 
-PATH = "/v1/messages"
-COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
-
-#: Anthropic's error type for each status the gateway answers with (others: by class of status)
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
-def error_body(exc: GatewayError) -> dict[str, Any]:
-    """``{"type": "error", "error": {"type", "message"}}`` for a gateway error."""
-    kind = _ERROR_TYPES.get(exc.status) or ("invalid_request_error" if exc.status < 500 else "api_error")
-    message = exc.message
-    # Anthropic's clients (Claude Code among them) recognise an overlong prompt by these words
-    if exc.code == "context_length_exceeded" and not message.lower().startswith("prompt is too long"):
-        message = "prompt is too long: " + message
-    return {"type": "error", "error": {"type": kind, "message": message}}
+PATH = ANTHROPIC_PATH
+COUNT_TOKENS_PATH = ANTHROPIC_PATH + "/count_tokens"
 
 
 def error_response(exc: GatewayError) -> Response:
-    return json_response(error_body(exc), exc.status, exc.headers())
+    return json_response(exc.anthropic_body(), exc.status, exc.headers())
 
 
 def _event(name: bytes, data: dict[str, Any]) -> bytes:
@@ -199,7 +175,7 @@ class AnthropicEvents:
         return b"".join(out)
 
     def failed(self, exc: GatewayError) -> bytes:
-        return _event(b"error", error_body(exc))
+        return _event(b"error", exc.anthropic_body())
 
 
 def parse_request(raw: bytes) -> ModelRequest:
