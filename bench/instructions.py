@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def under_callgrind(server: Server, out: Path) -> Server:
     """``server`` with its interpreter run by callgrind, counting nothing until told to."""
     # children traced: the gateway's command may be a script that execs the interpreter
-    tool = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes", f"--callgrind-out-file={out}"]
+    # a vgdb prefix of its own: callgrind_control reaches this valgrind only, not another run's
+    tool = ["valgrind", f"--vgdb-prefix={out.parent / 'vgdb'}", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes", f"--callgrind-out-file={out}"]
     at = 3 if server.cmd[0] == "taskset" else 0  # after "taskset -c CPUS"
     server.cmd = [*server.cmd[:at], *tool, *server.cmd[at:]]
     return server
@@ -60,14 +61,17 @@ def per_request(server: Server, out: Path, work: Workload, requests: int, cpus: 
     server.start(timeout=300)
     try:
         wrk(server.port, work, connections=CONNECTIONS, duration=120, cpus=cpus, stop_after=WARMUP_REQUESTS)
-        # one server runs under callgrind at a time, so these reach it (and only it)
-        subprocess.run(["callgrind_control", "--instr=on"], check=True, capture_output=True)
+        # addressed by prefix and process id: another callgrind on the machine is left alone
+        control = ["callgrind_control", f"--vgdb-prefix={out.parent / 'vgdb'}"]
+        assert server.proc is not None
+        pid = str(server.proc.pid)
+        subprocess.run([*control, "--instr=on", pid], check=True, capture_output=True)
         done = wrk(server.port, work, connections=CONNECTIONS, duration=600, cpus=cpus, stop_after=requests)
-        subprocess.run(["callgrind_control", "--dump"], check=True, capture_output=True)
+        subprocess.run([*control, "--dump", pid], check=True, capture_output=True)
     finally:
         server.stop()
     dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda p: int(p.suffix[1:]))
-    total = int(re.search(r"^summary: (\d+)$", dumps[0].read_text(), re.M).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"^summary: (\d+)$", dumps[0].read_text(), re.MULTILINE).group(1))  # type: ignore[union-attr]
     return total / max(done.requests, 1)
 
 
