@@ -7,7 +7,12 @@ why the dictionaries are not closed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any, NotRequired, TypedDict
+
+import orjson
+
+from app.errors import UpstreamBadResponseError
 
 
 class Usage(TypedDict, total=False):
@@ -63,11 +68,120 @@ class ChatCompletionChunk(TypedDict):
     system_fingerprint: NotRequired[str | None]
 
 
-class RawChunk(dict):  # type: ignore[type-arg]
-    """A chunk as parsed from a provider's event, with the event's JSON bytes (``raw``): a client
-    that gets the chunk as sent is written those bytes, not a second encoding of them. Whoever
-    changes a chunk makes a new dict (as every layer does), so the bytes always say what it says."""
+class Events:
+    """A run of a provider's events kept as they came, read as the sequence of the chunks they hold.
 
-    __slots__ = ("raw",)
+    ``raw`` is the events as server-sent events (``data: ``, an event's JSON, a blank line, each)
+    and ``datas`` each event's JSON. The chunks are parsed, all in one go, only when something
+    reads them: a stream relayed to a client that asked for it as it came, and stored as it came,
+    is never parsed; what the gateway needs of it (its usage, whether it finished) is found in the
+    bytes first and only the events that may hold it are parsed. Whoever changes a chunk makes a
+    new dict, and whoever takes some of the chunks or adds one makes a list: the bytes always say
+    what the chunks say.
+    """
 
-    raw: bytes
+    __slots__ = ("_chunks", "_usage", "datas", "origin", "raw")
+
+    def __init__(self, datas: list[bytes], origin: str, raw: bytes | None = None) -> None:
+        self.datas = datas
+        if raw is None:
+            raw = b"data: " + b"\n\ndata: ".join(datas) + b"\n\n" if datas else b""
+        self.raw = raw
+        #: who sent them: named when one is not a chunk
+        self.origin = origin
+        self._chunks: list[ChatCompletionChunk] | None = None
+        #: what :meth:`usage` found (several layers ask)
+        self._usage: Usage | None | bool = False
+
+    @classmethod
+    def joined(cls, runs: list[Events]) -> Events:
+        """Runs of events one after the other, as one run."""
+        if len(runs) == 1:
+            return runs[0]
+        return cls([data for run in runs for data in run.datas], runs[0].origin if runs else "", b"".join(run.raw for run in runs))
+
+    @classmethod
+    def of_raw(cls, raw: bytes, origin: str) -> Events:
+        """Events kept as :attr:`raw` (one event a line, as this class writes them)."""
+        return cls(raw[6:-2].split(b"\n\ndata: ") if raw else [], origin, raw)
+
+    @property
+    def chunks(self) -> list[ChatCompletionChunk]:
+        if self._chunks is None:
+            self._chunks = _parsed(self.datas, self.origin)
+        return self._chunks
+
+    def __len__(self) -> int:
+        return len(self.datas)
+
+    def __iter__(self) -> Iterator[ChatCompletionChunk]:
+        return iter(self.chunks)
+
+    def __reversed__(self) -> Iterator[ChatCompletionChunk]:
+        return reversed(self.chunks)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.chunks[index]
+
+    def usage(self) -> Usage | None:
+        """The usage the last event that has one says, or None."""
+        if self._usage is False:
+            self._usage = self._usage_said()
+        return self._usage  # type: ignore[return-value]
+
+    def _usage_said(self) -> Usage | None:
+        if self._chunks is not None:
+            return last_usage(self._chunks)
+        if b'"usage"' not in self.raw:
+            return None
+        for data in reversed(self.datas):
+            if b'"usage"' in data:
+                usage = _parsed([data], self.origin)[0].get("usage")
+                if usage:
+                    return usage
+        return None
+
+    def finishes(self) -> bool:
+        """Whether a choice says why it ended (a ``finish_reason`` that is not null); only the
+        events that may say so are parsed."""
+        if self._chunks is not None:
+            return any(map(finishes, reversed(self._chunks)))
+        if not _may_finish(self.raw):
+            return False
+        return any(finishes(_parsed([data], self.origin)[0]) for data in reversed(self.datas) if _may_finish(data))
+
+
+def _may_finish(data: bytes) -> bool:
+    # a key is quoted as is (in a string a quote is escaped): unless each is followed by null, one may say a reason
+    return data.count(b'"finish_reason"') != data.count(b'"finish_reason":null')
+
+
+def _parsed(datas: list[bytes], origin: str) -> list[ChatCompletionChunk]:
+    """The events' chunks, parsed in one go (one JSON array); an event that is not one JSON object is the provider's fault."""
+    try:
+        values = orjson.loads(b"[" + b",".join(datas) + b"]")
+    except orjson.JSONDecodeError:
+        values = None
+    # commas inside an event make more values than events
+    if values is None or len(values) != len(datas) or (values and set(map(type, values)) != {dict}):
+        raise UpstreamBadResponseError(f"{origin} sent a stream event that is not a JSON object", backend=origin)
+    return values  # type: ignore[no-any-return]
+
+
+def last_usage(chunks: Sequence[ChatCompletionChunk | dict[str, Any]] | Events) -> Usage | None:
+    """The usage the last chunk that has one says (the usage chunk is the last), or None."""
+    if type(chunks) is Events:
+        return chunks.usage()
+    for chunk in reversed(chunks):
+        usage = chunk.get("usage")
+        if usage:
+            return usage  # type: ignore[return-value]
+    return None
+
+
+def finishes(chunk: ChatCompletionChunk | dict[str, Any]) -> bool:
+    """Whether one of the chunk's choices says why it ended."""
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("finish_reason"):
+            return True
+    return False

@@ -10,9 +10,11 @@ import httpx
 import orjson
 import pytest
 
+from app.errors import UpstreamBadResponseError
 from app.pipeline.streaming import ChunkAssembler
-from app.providers.openai_compat import _parsed, _whole_events
-from app.shapes import RawChunk
+from app.providers.openai_compat import _whole_events
+from app.shapes import Events
+from app.storage.response_cache import CachedAnswer
 from tests.fake_upstream import FakeUpstream
 from tests.support import GatewayServer, gateway
 
@@ -51,10 +53,20 @@ def test_events_go_out_in_the_bytes_the_provider_sent(gw: GatewayServer, upstrea
     for event in chunks:
         assert event == json.dumps(json.loads(event)), event
     assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in chunks if json.loads(e)["choices"]) == "echo: relay these words"
-    # the same request again is a cache hit, replayed from the stored answer in the gateway's own encoding
-    again = _events(gw, body)
+    # the same request again is a cache hit: the stream was kept as the provider's events, and goes out in its bytes again
+    assert _events(gw, body) == events
     assert upstream.calls == 1
-    assert all(json.loads(e) for e in again[:-1]) and again[-1] == "[DONE]"
+
+
+def test_a_stream_kept_as_its_events_answers_a_plain_request_with_what_they_fold_into(gw: GatewayServer, upstream: FakeUpstream) -> None:
+    messages = [{"role": "user", "content": "fold me later"}]
+    events = _events(gw, {"model": "fast", "stream": True, "stream_options": {"include_usage": True}, "messages": messages})
+    usage = json.loads(events[-2])["usage"]
+    r = httpx.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={"model": "fast", "messages": messages}, timeout=10)
+    assert r.status_code == 200 and r.headers["x-admiral-cache"] == "hit" and upstream.calls == 1
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["usage"] == usage
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "echo: fold me later"} and body["choices"][0]["finish_reason"] == "stop"
 
 
 def test_a_chunk_changed_on_the_way_is_encoded_anew(gw: GatewayServer) -> None:
@@ -70,26 +82,29 @@ def _data(*events: object) -> list[bytes]:
     return [json.dumps(e).encode() for e in events]
 
 
-def test_a_read_of_chunks_is_parsed_in_one_go_each_keeping_its_bytes() -> None:
+def test_events_are_parsed_in_one_go_when_read_keeping_their_bytes() -> None:
     datas = _data({"id": "a", "choices": [{"index": 0, "delta": {"content": "x, y"}}]}, {"id": "a", "choices": [], "usage": {"total_tokens": 3}})
-    chunks = _parsed(datas)
-    assert chunks is not None and [dict(c) for c in chunks] == [json.loads(d) for d in datas]
-    assert all(type(c) is RawChunk for c in chunks) and [c.raw for c in chunks] == datas
-    assert _parsed([]) == []
+    events = Events(datas, "up")
+    assert events.raw == b"".join(b"data: " + d + b"\n\n" for d in datas) and len(events) == 2
+    assert events.usage() == {"total_tokens": 3}
+    assert list(events) == [json.loads(d) for d in datas] and events[1]["usage"] == {"total_tokens": 3}
+    assert list(Events([], "up")) == [] and Events([], "up").raw == b""
+    assert Events.of_raw(events.raw, "up").datas == datas
 
 
 @pytest.mark.parametrize(
     "datas",
     [
         [b'{"id": "a"}', b"not json"],
-        [b'{"id": "a"}', b'{"error": {"message": "overloaded"}}'],
         [b'{"id": "a"}, {"id": "b"}'],  # two objects in one event: not one chunk each
         [b'{"id": "a"}', b"[1, 2]"],
         [b'{"id": "a"}', b""],
     ],
 )
-def test_a_read_with_anything_but_chunks_is_left_to_the_event_by_event_path(datas: list[bytes]) -> None:
-    assert _parsed(datas) is None
+def test_events_that_are_not_chunks_are_the_providers_fault_when_read(datas: list[bytes]) -> None:
+    events = Events(datas, "up")
+    with pytest.raises(UpstreamBadResponseError, match="up sent a stream event that is not a JSON object"):
+        list(events)
 
 
 def _fold(*chunks: dict[str, object]) -> dict[str, object]:
@@ -135,8 +150,7 @@ def test_content_before_a_role_and_vendor_objects_still_fold() -> None:
 
 def _raw_fold(events: list[bytes]) -> tuple[dict[str, object], dict[str, object]]:
     """The stream folded from the provider's events (raw chunks, the bytes shortcut), and from plain copies of them."""
-    chunks = _parsed(events)
-    assert chunks is not None
+    chunks = Events(events, "up")
     folded = ChunkAssembler()
     folded.add_all(chunks)
     return dict(folded.result()), _fold(*(dict(c) for c in chunks))
@@ -198,6 +212,13 @@ def test_a_read_of_whole_events_is_split_in_one_go(data: bytes) -> None:
     assert _whole_events(data) == _by_lines(data)
 
 
+@pytest.mark.parametrize("data", [b'data:  {"id":"a"}\n\n', b'data: {"id":"a"} \n\n', b'data: {"id":"a"}\t\n\ndata: {"id":"b"}\r\n\n'])
+def test_space_around_an_events_json_stays_in_its_data(data: bytes) -> None:
+    """JSON reads it as space: the events say what the line by line path reads."""
+    whole = _whole_events(data)
+    assert whole is not None and [orjson.loads(d) for d in whole] == [orjson.loads(d) for d in _by_lines(data)]
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -206,11 +227,39 @@ def test_a_read_of_whole_events_is_split_in_one_go(data: bytes) -> None:
         b'event: chunk\ndata: {"id":"a"}\n\n',  # another field
         b'data: {"id":"a"}\r\n\r\n',
         b'data: {"id":"a"}\n\ndata:{"id":"b"}\n\n',  # no space after the colon
-        b'data:  {"id":"a"}\n\n',
-        b'data: {"id":"a"} \n\n',
         b'data: {"id":"a"}\ndata: {"id":"b"}\n\n',  # one event of two data lines
         b"",
     ],
 )
 def test_anything_but_whole_events_is_left_to_the_line_by_line_path(data: bytes) -> None:
     assert _whole_events(data) is None
+
+
+_CONTENT = b'{"id":"c5","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}'
+_FINISH = b'{"id":"c5","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+_USAGE = b'{"id":"c5","choices":[],"usage":{"total_tokens":3}}'
+
+
+def test_what_the_gateway_needs_of_events_is_found_parsing_only_the_events_that_may_say_it() -> None:
+    """The event that is not JSON is never parsed: only the finishing one and the usage one are."""
+    events = Events([_CONTENT, b"not json", _FINISH, _USAGE], "up")
+    assert events.finishes() and events.usage() == {"total_tokens": 3}
+    assert not Events([_CONTENT, b"not json", _USAGE], "up").finishes()
+    assert Events([_CONTENT, b"not json"], "up").usage() is None
+    # "finish_reason" with space around it, or a value other than null, is parsed to be sure
+    spaced = Events([b'{"choices": [{"index": 0, "delta": {}, "finish_reason" : "length"}]}'], "up")
+    assert spaced.finishes()
+    assert not Events([b'{"choices": [{"index": 0, "delta": {"content": "finish_reason"}, "finish_reason": null}]}'], "up").finishes()
+
+
+def test_a_stream_kept_as_its_events_survives_the_persistent_tiers_envelope() -> None:
+    raw = Events([_CONTENT, _FINISH, _USAGE], "up").raw
+    stored = CachedAnswer.of_events(raw, {"total_tokens": 3}, "up", "up/m", 123.0)
+    assert stored.is_events and not CachedAnswer.of({"id": "x", "choices": []}, "up", None, 1.0).is_events
+    back = CachedAnswer.decode(stored.encode())
+    assert back is not None and back.is_events and back.usage == {"total_tokens": 3}
+    assert (back.backend, back.deployment, back.expires_at) == ("up", "up/m", 123.0)
+    assert list(Events.of_raw(back.payload, "up")) == [orjson.loads(d) for d in (_CONTENT, _FINISH, _USAGE)]
+    # an event that is not JSON spoils the envelope: read back as no entry
+    spoiled = CachedAnswer.of_events(Events([_CONTENT, b"not json"], "up").raw, None, "up", None, 1.0)
+    assert CachedAnswer.decode(spoiled.encode()) is None

@@ -12,8 +12,8 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.disconnect import DisconnectWatcher
 from app.errors import GatewayError
-from app.pipeline.answer import Answer
-from app.shapes import ChatCompletionChunk, RawChunk
+from app.pipeline.answer import Answer, Batch
+from app.shapes import ChatCompletionChunk, Events
 
 log = logging.getLogger("admiral.api")
 
@@ -33,7 +33,7 @@ class StreamWriter(Protocol):
         """The bytes for one upstream chunk (empty: nothing to send for it)."""
         ...
 
-    def chunks(self, batch: list[ChatCompletionChunk]) -> bytes:
+    def chunks(self, batch: Batch) -> bytes:
         """The bytes for a batch of them (what one read brought), sent as one message."""
         ...
 
@@ -56,19 +56,19 @@ class OpenAIEvents:
 
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         if self._include_usage or "usage" not in chunk:
-            # a provider's chunk passed on unchanged goes out in the bytes it came in
-            return b"data: " + chunk.raw + b"\n\n" if type(chunk) is RawChunk else sse_event(chunk)
+            return sse_event(chunk)
         if not chunk.get("choices"):
             return b""
         return sse_event({k: v for k, v in chunk.items() if k != "usage"})
 
-    def chunks(self, batch: list[ChatCompletionChunk]) -> bytes:
-        include_usage = self._include_usage
-        raws = [c.raw for c in batch if type(c) is RawChunk and (include_usage or "usage" not in c)]
-        if len(raws) == len(batch):
-            # each chunk as the provider sent it: one join, no call per chunk
-            return b"data: " + b"\n\ndata: ".join(raws) + b"\n\n"
-        return b"".join(map(self.chunk, batch))
+    def chunks(self, batch: Batch) -> bytes:
+        if type(batch) is not Events:
+            return b"".join(map(self.chunk, batch))
+        # a provider's events go out in its bytes, unparsed: all of them at once, or event by event
+        # when some chunks lose their usage (no event says "usage" otherwise)
+        if self._include_usage or b'"usage"' not in batch.raw:
+            return batch.raw
+        return b"".join(self.chunk(c) if "usage" in c else b"data: " + data + b"\n\n" for c, data in zip(batch, batch.datas, strict=True))
 
     def end(self) -> bytes:
         return _DONE
@@ -81,7 +81,7 @@ class SSEResponse(Response):
     """Relays chunks as they arrive, written by the client protocol's ``writer``; a client that
     leaves cancels the upstream side at once."""
 
-    def __init__(self, first: list[ChatCompletionChunk], rest: Answer, writer: StreamWriter, headers: list[tuple[bytes, bytes]], task: asyncio.Task[Any]) -> None:
+    def __init__(self, first: Batch, rest: Answer, writer: StreamWriter, headers: list[tuple[bytes, bytes]], task: asyncio.Task[Any]) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.raw_headers = [*(h for h in self.raw_headers if h[0] != b"content-length"), *_SSE_HEADERS, *headers]
         self._first = first

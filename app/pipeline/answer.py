@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
 from app.pipeline.streaming import ChunkAssembler
-from app.shapes import ChatCompletion, ChatCompletionChunk, Usage
+from app.shapes import ChatCompletion, ChatCompletionChunk, Events, Usage, last_usage
 
 log = logging.getLogger("admiral.pipeline")
 
@@ -25,26 +25,41 @@ log = logging.getLogger("admiral.pipeline")
 #: failed with, or GeneratorExit (the reader let go of it)
 EndHook = Callable[[BaseException | None], Awaitable[None]]
 ChunkTap = Callable[[ChatCompletionChunk], None]
+#: the chunks one read brought: a list, or a provider's events as they came
+Batch = list[ChatCompletionChunk] | Events
+
+
+class Batches(Protocol):
+    """A stream read a batch at a time: ``batch`` gives the chunks there are (at least one,
+    waiting for them if need be), [] at the end; ``aclose`` lets go of it."""
+
+    async def batch(self) -> Batch: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Answer:
     """A complete answer (a dict or its encoded JSON, each made from the other when asked) or a stream."""
 
-    __slots__ = ("_after", "_body", "_encoded", "_ends", "_fold", "_over", "_ready", "_source", "_taps", "from_cache", "usage")
+    __slots__ = ("_after", "_at", "_batch", "_body", "_encoded", "_ends", "_fold", "_held", "_kept", "_over", "_source", "_taps", "from_cache", "usage")
 
-    def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | None = None) -> None:
+    def __init__(self, *, body: ChatCompletion | None = None, encoded: bytes | None = None, chunks: AsyncIterator[ChatCompletionChunk] | Batches | None = None) -> None:
         assert (chunks is None) != (body is None and encoded is None), "an answer is complete or a stream"
         self._body = body
         self._encoded = encoded
         self._source = chunks
-        #: the source's chunks already read, handed over without waiting (when it can say; a failed
-        #: getattr on a complete answer's None would cost an exception on every plain request)
-        self._ready: Callable[[], list[ChatCompletionChunk]] | None = getattr(chunks, "ready", None) if chunks is not None else None
+        #: the source's next batch of chunks, when it reads them a batch at a time (a failed getattr
+        #: on a complete answer's None would cost an exception on every plain request)
+        self._batch: Callable[[], Awaitable[Batch]] | None = getattr(chunks, "batch", None) if chunks is not None else None
+        #: a batch read for ``__anext__``, and how much of it was handed over
+        self._held: Batch = []
+        self._at = 0
         # most answers get no tap and no hook: the lists are made for the first one
         self._taps: list[ChunkTap] | tuple[()] = ()
         self._ends: list[EndHook] | tuple[()] = ()
         self._over = False
         self._fold: ChunkAssembler | None = None
+        self._kept: list[Batch] | None = None
         #: a complete answer's bookkeeping, run by :meth:`sent` once the client has it
         self._after: Callable[[], None] | None = None
         #: the usage the answer reports (a stream's once its usage chunk has passed)
@@ -54,8 +69,9 @@ class Answer:
 
     @classmethod
     def stored(cls, encoded: bytes, usage: Usage | None) -> Answer:
-        """A complete answer kept as JSON (from the cache): decoded only if someone reads it."""
-        answer = cls(encoded=encoded)
+        """An answer from the cache: a complete one kept as JSON, decoded only if someone reads it,
+        or a stream kept as the provider's events (``data: ...``), read as they are."""
+        answer = cls(chunks=_Replay(Events.of_raw(encoded, "the cache"))) if encoded.startswith(b"data: ") else cls(encoded=encoded)
         answer.usage = usage
         answer.from_cache = True
         return answer
@@ -109,9 +125,17 @@ class Answer:
         per stream, however many want it (the cache stores it, a plain request is answered with it).
         Ask before the stream is read: it sees the chunks read after."""
         if self._fold is None:
-            # fed before the taps, a batch at a time (Answer.batch)
+            # fed before the taps, a batch at a time (Answer._seen)
             self._fold = ChunkAssembler()
         return self._fold
+
+    def kept(self) -> list[Batch]:
+        """The stream's batches as they are read, kept whole (a provider's
+        :class:`~app.shapes.Events` unparsed): one list per stream, however many want it. Ask
+        before the stream is read."""
+        if self._kept is None:
+            self._kept = []
+        return self._kept
 
     async def when_done(self, hook: EndHook) -> None:
         """Run ``hook`` when the answer is over: now for a complete answer, at the stream's end otherwise."""
@@ -129,46 +153,60 @@ class Answer:
 
     async def __anext__(self) -> ChatCompletionChunk:
         assert self._source is not None, "a complete answer is not a stream"
+        if self._batch is not None:
+            while self._at >= len(self._held):
+                self._held = await self.batch()
+                self._at = 0
+                if not self._held:
+                    raise StopAsyncIteration
+            chunk = self._held[self._at]
+            self._at += 1
+            return chunk
         try:
-            chunk = await anext(self._source)
+            chunk = await anext(self._source)  # type: ignore[arg-type]
         except StopAsyncIteration:
             await self._end(None)
             raise
         except BaseException as exc:
             await self._end(exc)
             raise
-        self._seen(chunk)
+        self._seen([chunk])
         return chunk
 
-    async def batch(self) -> list[ChatCompletionChunk]:
-        """The next chunk and every later one that is already there, without waiting; [] at the end.
+    async def batch(self) -> Batch:
+        """The next chunks: all that the source has read by now (at least one), without waiting for
+        more; [] at the end. A writer sends a batch as one ASGI message: a burst from the provider
+        then costs one send, not one per chunk, and a batch as the provider sent it
+        (:class:`~app.shapes.Events`) goes out in the provider's bytes."""
+        if self._at < len(self._held):
+            # the rest of a batch that ``__anext__`` began
+            held, self._held = self._held, []
+            return held[self._at :]
+        if self._batch is None:
+            chunk = await anext(self, None)
+            return [] if chunk is None else [chunk]
+        try:
+            chunks = await self._batch()
+            if chunks:
+                self._seen(chunks)
+        except BaseException as exc:
+            await self._end(exc)
+            raise
+        if not chunks:
+            await self._end(None)
+        return chunks
 
-        A writer sends a batch as one ASGI message: a burst from the provider then costs one send, not one per chunk.
-        """
-        chunk = await anext(self, None)
-        if chunk is None:
-            return []
-        more = self._ready() if self._ready is not None else None
-        if not more:
-            return [chunk]
+    def _seen(self, chunks: Batch) -> None:
+        if self._kept is not None:
+            self._kept.append(chunks)
         if self._fold is not None:
-            self._fold.add_all(more)
+            self._fold.add_all(chunks)
         for tap in self._taps:
-            for each in more:
-                tap(each)
-        for each in reversed(more):
-            if each.get("usage"):
-                self.usage = each["usage"]
-                break
-        return [chunk, *more]
-
-    def _seen(self, chunk: ChatCompletionChunk) -> None:
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        if self._fold is not None:
-            self._fold.add(chunk)
-        for tap in self._taps:
-            tap(chunk)
+            for chunk in chunks:
+                tap(chunk)
+        usage = last_usage(chunks)
+        if usage:
+            self.usage = usage
 
     async def aclose(self) -> None:
         """Let go of the stream (ending it if still open) and run the end hooks."""
@@ -190,6 +228,22 @@ class Answer:
                 except Exception:
                     # bookkeeping must never break the client's answer
                     log.exception("answer end hook failed")
+
+
+class _Replay:
+    """A stream kept as its events, given again in one batch."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, events: Events) -> None:
+        self._events: Events | None = events
+
+    async def batch(self) -> Batch:
+        events, self._events = self._events, None
+        return events if events is not None else []
+
+    async def aclose(self) -> None:
+        self._events = None
 
 
 def first_content(answer: Answer) -> Callable[[], str | None]:

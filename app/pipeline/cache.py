@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from app.errors import UpstreamBadResponseError
 from app.metrics import Metrics
-from app.pipeline.answer import Answer
+from app.pipeline.answer import Answer, Batch
 from app.pipeline.base import Deployment, Handler, ModelRequest, RequestContext
 from app.pipeline.cache_key import ensure_cache_key
+from app.pipeline.streaming import ChunkAssembler
+from app.shapes import Events
 from app.storage.response_cache import CachedAnswer, ResponseCache
 
 
@@ -24,7 +27,9 @@ class CacheLayer:
     """Answers repeated requests from the cache; stores complete successful answers.
 
     A hit sets ``ctx.backend`` to the backend that produced the stored answer. A stream is stored
-    as the ``chat.completion`` it folds into, every field kept (see :mod:`app.pipeline.streaming`).
+    as the provider's events, unparsed, and a hit replays them (folded into the answer they amount
+    to for a plain request, every field kept: see :mod:`app.pipeline.streaming`); a stream from a
+    provider without events (an in-process engine), or too big as events, as that answer.
     ``Cache-Control: no-cache`` skips the read (status ``bypass``) but still stores the fresh
     answer; ``no-store`` skips the write.
     """
@@ -63,16 +68,41 @@ class CacheLayer:
                     answer.encoded = kept.payload
             return answer
         # stored only when the stream ran to its end with a finish_reason: never a cut or failed one
-        assembler = answer.fold()
+        batches = answer.kept()
 
         async def store(outcome: BaseException | None) -> None:
-            if outcome is None and assembler.finished:
-                body = assembler.result()
-                if is_complete(body):
-                    self._store(key, ctx, body)
+            if outcome is None:
+                self._store_stream(key, ctx, batches)
 
         await answer.when_done(store)
         return answer
 
     def _store(self, key: str, ctx: RequestContext, body: dict[str, Any]) -> CachedAnswer | None:
         return self._cache.put(key, ctx.cache_namespace, body, ctx.backend, str(ctx.deployment) if ctx.deployment else None)
+
+    def _store_stream(self, key: str, ctx: RequestContext, kept: list[Batch]) -> None:
+        """A stream of one choice (and at most one tool call) as the provider's events, unparsed,
+        when it sent events (and they fit); any other as the answer it folds into, which a hit
+        replays with each choice and tool call whole."""
+        try:
+            if kept and all(type(batch) is Events for batch in kept):
+                events = Events.joined(kept)  # type: ignore[arg-type]
+                if _single(events.raw):
+                    if not events.finishes():
+                        return
+                    deployment = str(ctx.deployment) if ctx.deployment else None
+                    if self._cache.put_events(key, ctx.cache_namespace, events.raw, events.usage(), ctx.backend, deployment) is not None:
+                        return
+            folded = ChunkAssembler()
+            for batch in kept:
+                folded.add_all(batch)
+            if folded.finished and is_complete(body := folded.result()):
+                self._store(key, ctx, body)  # type: ignore[arg-type]
+        except UpstreamBadResponseError:
+            return  # an event that is not a chunk: not an answer to keep
+
+
+def _single(raw: bytes) -> bool:
+    """Whether every ``index`` in the events is 0: one choice, and at most one tool call (a key is
+    quoted as is: in a string a quote is escaped)."""
+    return raw.count(b'"index"') == raw.count(b'"index":0') + raw.count(b'"index": 0')

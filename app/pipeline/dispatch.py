@@ -8,16 +8,16 @@ see the request as the client sent it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from app.config import ProviderConfig
 from app.errors import UpstreamBadResponseError
-from app.pipeline.answer import Answer
+from app.pipeline.answer import Answer, Batch
 from app.pipeline.base import ModelRequest, RequestContext
 from app.pipeline.params import ParamProfile, gathered, interleaved, joined, metered, missing_usage, with_n, with_usage
 from app.providers.base import Provider, UpstreamRequest
-from app.shapes import ChatCompletionChunk
+from app.shapes import last_usage
 
 
 class Dispatcher:
@@ -63,16 +63,16 @@ class Dispatcher:
             parts = [provider.stream(_part(call, n)) for n in sizes]
             chunks = interleaved([metered(p, request) for p in parts] if name in self._metered else parts, sizes)
         try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            raise UpstreamBadResponseError(f"{name} sent an empty stream", backend=name) from None
+            first = await _first(chunks)
         except BaseException:
             await chunks.aclose()  # type: ignore[attr-defined]
             raise
+        if not first:
+            raise UpstreamBadResponseError(f"{name} sent an empty stream", backend=name)
         ctx.ttft_seconds = time.perf_counter() - started
         ctx.backend = name
         rest = _Rest(first, chunks, request if name in self._metered else None)
-        answer = Answer(chunks=cast("AsyncIterator[ChatCompletionChunk]", rest))
+        answer = Answer(chunks=rest)
 
         async def timed(_: BaseException | None) -> None:
             ctx.upstream_seconds = time.perf_counter() - started
@@ -85,52 +85,48 @@ def _part(call: UpstreamRequest, n: int) -> UpstreamRequest:
     return UpstreamRequest(model=call.model, payload=with_n(call.payload, n), request_id=call.request_id, endpoint=call.endpoint)
 
 
+async def _first(chunks: AsyncIterator[dict[str, Any]]) -> Batch:
+    """The stream's first batch (its first chunk, from a stream without batches); [] when it is empty."""
+    batch = getattr(chunks, "batch", None)
+    if batch is not None:
+        return await batch()  # type: ignore[no-any-return]
+    chunk = await anext(chunks, None)
+    return [] if chunk is None else [chunk]  # type: ignore[list-item]
+
+
 class _Rest:
-    """A stream from its first chunk (read already), batches passed on as the provider's stream
-    gives them (``ready``); for ``metered``'s request, ended with the usage chunk the provider did
-    not send (see :func:`~app.pipeline.params.missing_usage`)."""
+    """A stream from its first batch (read already), then batch by batch as the provider's stream
+    gives them (chunk by chunk from a stream without batches); for ``metered``'s request, ended
+    with the usage chunk the provider did not send (see :func:`~app.pipeline.params.missing_usage`)."""
 
-    __slots__ = ("_first", "_kept", "_metered", "_ready", "_source")
+    __slots__ = ("_batch", "_first", "_kept", "_metered", "_source")
 
-    def __init__(self, first: dict[str, Any], source: AsyncIterator[dict[str, Any]], metered: ModelRequest | None) -> None:
-        self._first: dict[str, Any] | None = first
+    def __init__(self, first: Batch, source: AsyncIterator[dict[str, Any]], metered: ModelRequest | None) -> None:
+        self._first = first
         self._source = source
-        self._ready: Callable[[], list[dict[str, Any]]] | None = getattr(source, "ready", None)
+        self._batch: Callable[[], Awaitable[Batch]] | None = getattr(source, "batch", None)
         self._metered = metered
-        #: every chunk, for the usage the provider may not have sent (only when metered)
-        self._kept: list[dict[str, Any]] | None = [] if metered is not None else None
+        #: every batch, for the usage the provider may not have sent (only when metered)
+        self._kept: list[Batch] | None = [first] if metered is not None else None
 
-    def __aiter__(self) -> _Rest:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        chunk = self._first
-        if chunk is not None:
-            self._first = None
-        else:
-            try:
-                chunk = await anext(self._source)
-            except StopAsyncIteration:
-                chunk = self._tail()
-                if chunk is None:
-                    raise
-                return chunk
+    async def batch(self) -> Batch:
+        chunks = self._first
+        if chunks:
+            self._first = []
+            return chunks
+        chunks = await self._batch() if self._batch is not None else await _first(self._source)
+        if not chunks:
+            tail = self._tail()
+            return [tail] if tail is not None else []  # type: ignore[list-item]
         if self._kept is not None:
-            self._kept.append(chunk)
-        return chunk
-
-    def ready(self) -> list[dict[str, Any]]:
-        """The chunks the provider's stream has already read, without waiting."""
-        chunks = self._ready() if self._ready is not None and self._first is None else []
-        if chunks and self._kept is not None:
-            self._kept.extend(chunks)
+            self._kept.append(chunks)
         return chunks
 
     def _tail(self) -> dict[str, Any] | None:
         kept, self._kept = self._kept, None
-        if kept is None or self._metered is None:
+        if kept is None or self._metered is None or any(map(last_usage, reversed(kept))):
             return None
-        return missing_usage(kept, self._metered)
+        return missing_usage([chunk for batch in kept for chunk in batch], self._metered)  # type: ignore[misc]
 
     async def aclose(self) -> None:
         await self._source.aclose()  # type: ignore[attr-defined]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from app.errors import UpstreamBadResponseError, UpstreamError
-from app.pipeline.answer import Answer
+from app.pipeline.answer import Answer, Batch
 from app.pipeline.base import RequestContext
-from app.shapes import ChatCompletion, ChatCompletionChunk
+from app.shapes import ChatCompletion, Events
 
 #: runs the shared upstream call with the leader's context
 SharedCall = Callable[[RequestContext], Awaitable[Answer]]
@@ -96,7 +96,8 @@ class Flight:
         self.key = key
         self.ctx = ctx
         self.body: ChatCompletion | None = None
-        self.chunks: list[ChatCompletionChunk] = []
+        #: the stream's batches as they were read (each handed to every waiter whole)
+        self.batches: list[Batch] = []
         self.error: BaseException | None = None
         self.done = False
         self.waiters = 0
@@ -120,7 +121,7 @@ class Flight:
                 try:
                     # a batch at a time: a burst from the provider wakes the waiters once
                     while chunks := await answer.batch():
-                        self.chunks.extend(chunks)
+                        self.batches.append(chunks)
                         self._notify()
                 finally:
                     await answer.aclose()
@@ -178,7 +179,7 @@ class LocalTicket:
     async def result(self) -> Answer:
         flight = self._flight
         try:
-            while flight.body is None and not flight.chunks and not flight.done:
+            while flight.body is None and not flight.batches and not flight.done:
                 await flight.changed()
         except BaseException:
             self.leave()
@@ -186,7 +187,7 @@ class LocalTicket:
         if flight.body is not None:
             self.leave()
             return Answer(body=flight.body)
-        if flight.chunks:
+        if flight.batches:
             return Answer(chunks=SharedStream(self, flight))
         self.leave()
         raise flight.error or UpstreamBadResponseError("The shared upstream call ended without an answer.")
@@ -198,38 +199,35 @@ class LocalTicket:
 
 
 class SharedStream:
-    """The flight's chunks from the first, then live; releases the ticket at the end or on close."""
+    """The flight's batches from the first, then live; releases the ticket at the end or on close."""
 
     def __init__(self, ticket: LocalTicket, flight: Flight) -> None:
         self._ticket = ticket
         self._flight = flight
         self._next = 0
 
-    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
-        return self
-
-    async def __anext__(self) -> ChatCompletionChunk:
+    async def batch(self) -> Batch:
+        """The batches there are and not yet read (one as it was read, several joined), waiting for
+        the next when there are none; [] at the end."""
         flight = self._flight
-        while self._next >= len(flight.chunks):
+        while self._next >= len(flight.batches):
             if flight.done:
                 self._ticket.leave()
                 if flight.error is not None:
                     raise flight.error
-                raise StopAsyncIteration
+                return []
             try:
                 await flight.changed()
             except BaseException:
                 self._ticket.leave()
                 raise
-        chunk = flight.chunks[self._next]
-        self._next += 1
-        return chunk
-
-    def ready(self) -> list[ChatCompletionChunk]:
-        """The chunks already there and not yet read (read now), without waiting."""
-        chunks = self._flight.chunks[self._next :]
-        self._next += len(chunks)
-        return chunks
+        at, self._next = self._next, len(flight.batches)
+        if self._next - at == 1:
+            return flight.batches[at]
+        batches = flight.batches[at:]
+        if all(type(batch) is Events for batch in batches):
+            return Events.joined(batches)  # type: ignore[arg-type]
+        return [chunk for batch in batches for chunk in batch]  # type: ignore[misc]
 
     async def aclose(self) -> None:
         self._ticket.leave()

@@ -17,11 +17,12 @@ grow list by list.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import repeat
 from typing import Any
 
 import orjson
 
-from app.shapes import ChatCompletion, ChatCompletionChunk, ChunkChoice, RawChunk
+from app.shapes import ChatCompletion, ChatCompletionChunk, ChunkChoice, Events
 
 #: a content-only chunk's event around its content, its key counts (chunk, choices, choice, delta) and the message it adds to
 _Shape = tuple[bytes, bytes, tuple[int, int, int, int], dict[str, Any]]
@@ -107,11 +108,12 @@ class ChunkAssembler:
         """Fold chunks in their order (a batch of them: one call for what one read brought)."""
         states = self._choices
         shape = self._shape
-        for chunk in chunks:
-            if shape is not None and type(chunk) is RawChunk:
+        # a batch as the provider sent it has each chunk's bytes
+        datas = chunks.datas if type(chunks) is Events else repeat(None)
+        for chunk, raw in zip(chunks, datas):
+            if shape is not None and raw is not None:
                 # the shape's bytes around something, and as many keys at each level as the shape
                 # (what is between adds no key, no choice): only the content is new
-                raw = chunk.raw
                 before, after, sizes, message = shape
                 if len(raw) > len(before) + len(after) and raw.startswith(before) and raw.endswith(after):
                     choices = chunk["choices"]
@@ -139,8 +141,8 @@ class ChunkAssembler:
                             if type(have) is str:
                                 message["content"] = have + content
                                 choices = None
-                                if shape is None and type(chunk) is RawChunk and chunk.keys() == self._settled and not chunk.get("usage"):
-                                    shape = self._shape = _shape_of(chunk, content, message)
+                                if shape is None and raw is not None and chunk.keys() == self._settled and not chunk.get("usage"):
+                                    shape = self._shape = _shape_of(chunk, raw, content, message)
                 for choice in choices or ():
                     self._add_choice(choice)
             usage: Any = chunk.get("usage")
@@ -223,14 +225,13 @@ class ChunkAssembler:
         return body
 
 
-def _shape_of(chunk: RawChunk, content: str, message: dict[str, Any]) -> _Shape | None:
+def _shape_of(chunk: ChatCompletionChunk | dict[str, Any], raw: bytes, content: str, message: dict[str, Any]) -> _Shape | None:
     """A content-only chunk's event split around its content, when the content's JSON is in it
     once, as the value of a ``content`` key (a provider that escapes otherwise gets no shape).
 
     Another event with the same bytes around, and the same number of keys in the chunk, its
     choice and its delta and one choice, holds a new content and nothing else: whatever stood
     between would have added a key or a choice (a delta's logprobs, a second choice)."""
-    raw = chunk.raw
     encoded = orjson.dumps(content)
     if raw.count(encoded) != 1:
         return None

@@ -19,7 +19,7 @@ from app.errors import (
     UpstreamTimeoutError,
 )
 from app.providers.base import UpstreamRequest
-from app.shapes import RawChunk
+from app.shapes import Events, finishes
 
 _MAX_ERROR_BODY = 4096
 #: each endpoint's path under the provider's base URL, and the list its answer must hold
@@ -28,6 +28,7 @@ _ANSWER_LIST = {"chat": "choices", "completions": "choices", "embeddings": "data
 _ANSWER_NAME = {"chat": "a chat completion", "completions": "a text completion", "embeddings": "an embeddings list"}
 #: the data of the event that ends a stream
 _DONE_DATA = b"[DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -123,7 +124,7 @@ class OpenAICompatibleProvider:
             return UpstreamTimeoutError(message, backend=self.name)
         return UpstreamError(message, backend=self.name)
 
-    def _chunk(self, data: bytes) -> RawChunk:
+    def _chunk(self, data: bytes) -> dict[str, Any]:
         """The chunk a ``data:`` line carries; the provider's error (or a bad event) raised."""
         try:
             parsed = orjson.loads(data)
@@ -135,9 +136,7 @@ class OpenAICompatibleProvider:
             err = parsed["error"]
             detail = str(err.get("message") or "") if isinstance(err, dict) else str(err)
             raise UpstreamError(f"{self.name} failed mid-stream: {self._clean(detail)}", backend=self.name)
-        chunk = RawChunk(parsed)
-        chunk.raw = data
-        return chunk
+        return parsed
 
     def _field(self, error: dict[str, Any], name: str) -> str | None:
         """One of the provider's error fields, as short clean text (a code may come as a number)."""
@@ -205,11 +204,11 @@ class OpenAICompatibleProvider:
 class EventStream:
     """A provider's streamed answer as chunks, parsed a network read at a time.
 
-    ``__anext__`` waits for the next chunk; :meth:`ready` hands over, without waiting, every chunk
-    the last read brought: a burst from the provider passes the layers above as one batch, not
-    chunk by chunk. Each chunk is a :class:`~app.shapes.RawChunk` holding its event's JSON, which
-    a client that gets it unchanged is sent as it came. The request is made at the first read;
-    the response is released at the end or on :meth:`aclose`.
+    :meth:`batch` hands over every chunk a read brought at once, as :class:`~app.shapes.Events`
+    that keep the events' bytes: a burst from the provider passes the layers above as one batch,
+    and a client that gets it unchanged is written the provider's bytes. ``__anext__`` hands them
+    over one by one (the provider protocol). The request is made at the first read; the response
+    is released at the end or on :meth:`aclose`.
     """
 
     __slots__ = ("_at", "_closed", "_data", "_error", "_finished", "_over", "_parsed", "_provider", "_resp", "_rest", "_url")
@@ -220,7 +219,7 @@ class EventStream:
         self._data = data
         self._resp: aiohttp.ClientResponse | None = None
         #: the last read's chunks, and how many of them were handed over
-        self._parsed: list[RawChunk] = []
+        self._parsed: list[dict[str, Any]] | Events = []
         self._at = 0
         #: the start of a line the last read cut
         self._rest = b""
@@ -235,28 +234,38 @@ class EventStream:
     def __aiter__(self) -> EventStream:
         return self
 
-    async def __anext__(self) -> RawChunk:
+    async def __anext__(self) -> dict[str, Any]:
         while self._at >= len(self._parsed):
-            if self._error is not None or self._over or self._closed:
-                await self.aclose()
-                if self._error is not None:
-                    raise self._error
-                if not self._finished:
-                    raise UpstreamError(f"{self._provider.name} ended the stream before it finished", backend=self._provider.name)
-                raise StopAsyncIteration
-            try:
-                await self._read()
-            except BaseException:
-                await self.aclose()
-                raise
+            await self._next_read()
         chunk = self._parsed[self._at]
         self._at += 1
         return chunk
 
-    def ready(self) -> list[RawChunk]:
-        """The chunks already read and not yet handed over (handed over now)."""
+    async def batch(self) -> list[dict[str, Any]] | Events:
+        """The chunks not handed over yet: the rest of the last read, else all the next read brings
+        (as :class:`~app.shapes.Events`, unless it may hold an error); [] at the end."""
+        while self._at >= len(self._parsed):
+            try:
+                await self._next_read()
+            except StopAsyncIteration:
+                return []
         at, self._at = self._at, len(self._parsed)
-        return self._parsed[at:]
+        return self._parsed[at:] if at else self._parsed
+
+    async def _next_read(self) -> None:
+        """Read once more; at the end, the stream's error, or StopAsyncIteration."""
+        if self._error is not None or self._over or self._closed:
+            await self.aclose()
+            if self._error is not None:
+                raise self._error
+            if not self._finished:
+                raise UpstreamError(f"{self._provider.name} ended the stream before it finished", backend=self._provider.name)
+            raise StopAsyncIteration
+        try:
+            await self._read()
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def _read(self) -> None:
         provider = self._provider
@@ -267,26 +276,40 @@ class EventStream:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise provider._translate(exc) from exc
         datas = _whole_events(data) if not self._rest else None
+        # an error event has an "error" key (in a string a quote is escaped)
+        suspect = datas is not None and b'"error"' in data
+        #: the events as they came, when the read was nothing but them
+        raw: bytes | None = data if datas is not None else None
         if datas is None:
             if data:
                 *lines, self._rest = (self._rest + data if self._rest else data).split(b"\n")
             else:
                 lines, self._rest, self._over = [self._rest], b"", True
             datas = [line[5:].strip() for line in lines if line.startswith(b"data:")]
-        if _DONE_DATA in datas:
+            suspect = any(b'"error"' in each for each in datas)
+        if datas and datas[-1] == _DONE_DATA:
+            datas.pop()
+            self._over = self._finished = True
+            raw = raw[: -len(_DONE_EVENT)] if raw is not None else None
+        elif _DONE_DATA in datas:
             del datas[datas.index(_DONE_DATA) :]
             self._over = self._finished = True
-        parsed = _parsed(datas)
-        if parsed is None:
-            # something in this read is not a chunk: event by event, those before it go out, then its error
+            raw = None
+        parsed: list[dict[str, Any]] | Events
+        if suspect:
+            # maybe the provider's error: event by event, those before it go out, then the error
             parsed = []
             try:
-                for data in datas:
-                    parsed.append(provider._chunk(data))
+                for each in datas:
+                    parsed.append(provider._chunk(each))
             except UpstreamError as exc:
                 self._error = exc
-        if not self._finished:
-            self._finished = any(map(_finishes, parsed))
+            if not self._finished:
+                self._finished = any(map(finishes, reversed(parsed)))
+        else:
+            parsed = Events(datas, provider.name, raw)
+            if not self._finished:
+                self._finished = parsed.finishes()
         self._parsed = parsed
         self._at = 0
 
@@ -300,40 +323,12 @@ class EventStream:
 def _whole_events(data: bytes) -> list[bytes] | None:
     """The events' data when a read is nothing but whole ``data: ...`` events, each one line and a
     blank one (what providers send): one split, no work per line; None for anything else (a cut
-    event, comments, other fields, CRLF, space around the data), which the line by line path reads."""
+    event, comments, other fields, an event of several lines, CRLF), which the line by line path
+    reads. Space or a CR around an event's JSON is left in its data: JSON reads it as space."""
     if not data.startswith(b"data: ") or not data.endswith(b"\n\n"):
-        return None
-    if b"\r" in data or b"\t" in data or b" \n" in data or b"data:  " in data:
         return None
     datas = data[6:-2].split(b"\n\ndata: ")
     return datas if data.count(b"\n") == 2 * len(datas) else None
-
-
-def _parsed(datas: list[bytes]) -> list[RawChunk] | None:
-    """The events' chunks, parsed in one go (one JSON array); None when one of them is not a chunk, or is an error."""
-    if not datas:
-        return []
-    try:
-        values = orjson.loads(b"[" + b",".join(datas) + b"]")
-    except orjson.JSONDecodeError:
-        return None
-    if len(values) != len(datas):
-        return None  # commas inside an event made more values than events: not one object each
-    chunks = []
-    for data, value in zip(datas, values, strict=True):
-        if type(value) is not dict or "error" in value:
-            return None
-        chunk = RawChunk(value)
-        chunk.raw = data
-        chunks.append(chunk)
-    return chunks
-
-
-def _finishes(chunk: dict[str, Any]) -> bool:
-    for choice in chunk.get("choices") or ():
-        if isinstance(choice, dict) and choice.get("finish_reason"):
-            return True
-    return False
 
 
 async def _lines(body: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:

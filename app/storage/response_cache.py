@@ -46,7 +46,8 @@ def _compact(data: bytes) -> bytes:
 
 
 class CachedAnswer(NamedTuple):
-    """A complete ``chat.completion``, kept as the JSON a hit sends, and the backend that produced it.
+    """A complete answer, kept as the JSON a hit sends, or a stream, kept as the provider's events
+    (``data: ...`` and a blank line each: :attr:`is_events`), and the backend that produced it.
 
     A tuple of bytes, strings and a float, so the garbage collector stops tracking it after its
     first pass: the memory tier holds tens of thousands of them for an hour, and a full collection
@@ -54,7 +55,7 @@ class CachedAnswer(NamedTuple):
     kept encoded for the same reason: a nested usage dict is a tracked object).
     """
 
-    #: the body, encoded once when stored: a hit sends these bytes as they are
+    #: the body, encoded once when stored, or the stream's events: a hit sends these bytes as they are
     payload: bytes
     usage_json: bytes | None
     backend: str
@@ -65,6 +66,15 @@ class CachedAnswer(NamedTuple):
     def of(cls, body: dict[str, Any], backend: str, deployment: str | None, expires_at: float) -> CachedAnswer:
         usage = body.get("usage")
         return cls(_compact(orjson.dumps(body)), _compact(orjson.dumps(usage)) if usage is not None else None, backend, deployment, expires_at)
+
+    @classmethod
+    def of_events(cls, raw: bytes, usage: Usage | dict[str, Any] | None, backend: str, deployment: str | None, expires_at: float) -> CachedAnswer:
+        return cls(_compact(raw), _compact(orjson.dumps(usage)) if usage is not None else None, backend, deployment, expires_at)
+
+    @property
+    def is_events(self) -> bool:
+        """A stream kept as the provider's events (a body is a JSON object)."""
+        return self.payload.startswith(b"data: ")
 
     @property
     def usage(self) -> Usage | None:
@@ -77,15 +87,30 @@ class CachedAnswer(NamedTuple):
         return orjson.loads(self.payload)  # type: ignore[no-any-return]
 
     def encode(self) -> bytes:
-        """The persistent tier's form: the body inside an envelope with the rest."""
+        """The persistent tier's form: the body (or the events' chunks, as a JSON array, and the
+        usage) inside an envelope with the rest."""
+        envelope: dict[str, Any] = {"expires_at": self.expires_at, "backend": self.backend, "deployment": self.deployment}
+        if self.is_events:
+            # each event's JSON as it came (an event is one line): one that is not JSON spoils the
+            # envelope, which then reads as no entry, as it should
+            envelope["events"] = orjson.Fragment(b"[" + self.payload[6:-2].replace(b"\n\ndata: ", b",") + b"]")
+            envelope["usage"] = orjson.Fragment(self.usage_json) if self.usage_json is not None else None
+        else:
+            envelope["body"] = orjson.Fragment(self.payload)
         # compact too: pending writes are bounded by their length (MAX_PENDING_BYTES)
-        return _compact(orjson.dumps({"expires_at": self.expires_at, "backend": self.backend, "deployment": self.deployment, "body": orjson.Fragment(self.payload)}))
+        return _compact(orjson.dumps(envelope))
 
     @classmethod
     def decode(cls, raw: bytes) -> CachedAnswer | None:
         try:
             data = orjson.loads(raw)
-            return cls.of(data["body"], data.get("backend") or "", data.get("deployment"), float(data["expires_at"]))
+            backend, deployment, expires_at = data.get("backend") or "", data.get("deployment"), float(data["expires_at"])
+            if "events" in data:
+                if not data["events"]:
+                    return None
+                raw = b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in data["events"])
+                return cls.of_events(raw, data.get("usage"), backend, deployment, expires_at)
+            return cls.of(data["body"], backend, deployment, expires_at)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -215,9 +240,16 @@ class ResponseCache:
     def put(self, key: str, namespace: str, body: dict[str, Any], backend: str, deployment: str | None) -> CachedAnswer | None:
         """Store a complete answer: in memory now, persistently soon. None when it is too big."""
         now = self.clock.now()
-        answer = CachedAnswer.of(body, backend, deployment, now + self.ttl_s)
+        return self._keep(key, namespace, CachedAnswer.of(body, backend, deployment, now + self.ttl_s), now)
+
+    def put_events(self, key: str, namespace: str, raw: bytes, usage: Usage | None, backend: str, deployment: str | None) -> CachedAnswer | None:
+        """Store a finished stream as the provider's events (``data: ...`` and a blank line each), as :meth:`put` does."""
+        now = self.clock.now()
+        return self._keep(key, namespace, CachedAnswer.of_events(raw, usage, backend, deployment, now + self.ttl_s), now)
+
+    def _keep(self, key: str, namespace: str, answer: CachedAnswer, now: float) -> CachedAnswer | None:
         held = self.memory.get(key, now)
-        if held is not None and held.payload == answer.payload and held.backend == backend:
+        if held is not None and held.payload == answer.payload and held.backend == answer.backend:
             return held  # stored already (a flight's leader publishes before the cache layer stores)
         data = answer.encode()
         if len(data) > self.max_entry_bytes:
