@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry import trace
 
 from app.config import ProviderConfig
 from app.errors import (
+    ProviderErrorFields,
     UpstreamAuthError,
     UpstreamBadResponseError,
     UpstreamClientError,
     UpstreamError,
     UpstreamRateLimitError,
     UpstreamTimeoutError,
+    provider_error_fields,
 )
 from app.providers.base import UpstreamRequest
 from app.shapes import Events, finishes
+
+log = logging.getLogger(__name__)
 
 _MAX_ERROR_BODY = 4096
 #: each endpoint's path under the provider's base URL, and the list its answer must hold
@@ -98,15 +104,21 @@ class OpenAICompatibleProvider:
             raise UpstreamError(f"provider {self.name} is not started", backend=self.name)
         return self._session
 
+    def _answered(self, resp: aiohttp.ClientResponse) -> None:
+        """An answer's head, error or not: its announced limits to the provider budget and, when
+        tracing (``trace_headers`` set), its status to the attempt's span, current during the call."""
+        if self.on_headers is not None:
+            self.on_headers(self.name, resp.headers)
+        if self.trace_headers is not None:
+            trace.get_current_span().set_attribute("http.response.status_code", resp.status)
+
     async def _error_for(self, resp: aiohttp.ClientResponse) -> UpstreamError:
         raw = await resp.content.read(_MAX_ERROR_BODY)
-        detail = ""
-        err: Any = None
         try:
-            err = orjson.loads(raw).get("error")
-            detail = str(err.get("message") or "") if isinstance(err, dict) else str(err or "")
-        except (orjson.JSONDecodeError, AttributeError):
-            detail = raw.decode("utf-8", "replace")
+            said = provider_error_fields(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            said = ProviderErrorFields(raw.decode("utf-8", "replace"))
+        detail = said.message
         # cleaned whole, then cut: a cut through a key would leave a piece the cleaning misses
         detail = self._clean(detail)[:500]
         message = f"{self.name} answered {resp.status}" + (f": {detail}" if detail else "")
@@ -116,7 +128,7 @@ class OpenAICompatibleProvider:
         if status in (401, 403):
             return UpstreamAuthError(f"{self.name} rejected the gateway's provider key ({status})", backend=self.name)
         if status in (400, 404, 413, 422):
-            fields = err if isinstance(err, dict) else {}
+            fields = said._asdict()
             return UpstreamClientError(
                 message, status=status, backend=self.name, error_type=self._field(fields, "type"), code=self._field(fields, "code"), param=self._field(fields, "param")
             )
@@ -162,8 +174,7 @@ class OpenAICompatibleProvider:
         try:
             headers = self.trace_headers() if self.trace_headers is not None else None
             async with session.post(self._urls[endpoint], data=orjson.dumps(payload), timeout=self._timeout, headers=headers) as resp:
-                if self.on_headers is not None:
-                    self.on_headers(self.name, resp.headers)
+                self._answered(resp)
                 if resp.status >= 400:
                     raise await self._error_for(resp)
                 raw = await resp.read()
@@ -184,21 +195,34 @@ class OpenAICompatibleProvider:
         payload = {**request.payload, "model": request.model, "stream": True}
         if self._stream_usage:
             payload["stream_options"] = {"include_usage": True}
-        return EventStream(self, self._urls[request.endpoint], orjson.dumps(payload))
+        return EventStream(self, self._urls[request.endpoint], payload)
 
-    async def _open(self, url: str, data: bytes) -> aiohttp.ClientResponse:
-        """The streamed answer's response, its head read (an error answer raised as the gateway's error)."""
+    async def _open(self, url: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+        """The streamed answer's response, its head read (an error answer raised as the gateway's error).
+
+        A provider no profile says refuses ``stream_options`` may still: its 400/422 naming it is
+        answered by asking once more without it, and streams to it go without from then on (dispatch
+        estimates the usage they lack)."""
         session = self._session_or_fail()
-        headers = self.trace_headers() if self.trace_headers is not None else None
-        resp = await session.post(url, data=data, timeout=self._stream_timeout, headers=headers)
-        if self.on_headers is not None:
-            self.on_headers(self.name, resp.headers)
-        if resp.status >= 400:
+        while True:
+            headers = self.trace_headers() if self.trace_headers is not None else None
+            resp = await session.post(url, data=orjson.dumps(payload), timeout=self._stream_timeout, headers=headers)
+            self._answered(resp)
+            if resp.status < 400:
+                return resp
             try:
-                raise await self._error_for(resp)
+                error = await self._error_for(resp)
             finally:
                 await resp.__aexit__(None, None, None)
-        return resp
+            if "stream_options" not in payload or not _refuses_stream_options(error):
+                raise error
+            log.warning("provider %s refused stream_options (%s); streams to it go without (give it drop_params: [stream_options])", self.name, error.message)
+            self._stream_usage = False
+            payload = {k: v for k, v in payload.items() if k != "stream_options"}
+
+
+def _refuses_stream_options(error: UpstreamError) -> bool:
+    return isinstance(error, UpstreamClientError) and error.status in (400, 422) and (error.param == "stream_options" or "stream_options" in error.message)
 
 
 class EventStream:
@@ -211,12 +235,12 @@ class EventStream:
     is released at the end or on :meth:`aclose`.
     """
 
-    __slots__ = ("_at", "_closed", "_data", "_error", "_finished", "_over", "_parsed", "_provider", "_resp", "_rest", "_url")
+    __slots__ = ("_at", "_closed", "_error", "_finished", "_over", "_parsed", "_payload", "_provider", "_resp", "_rest", "_url")
 
-    def __init__(self, provider: OpenAICompatibleProvider, url: str, data: bytes) -> None:
+    def __init__(self, provider: OpenAICompatibleProvider, url: str, payload: dict[str, Any]) -> None:
         self._provider = provider
         self._url = url
-        self._data = data
+        self._payload = payload
         self._resp: aiohttp.ClientResponse | None = None
         #: the last read's chunks, and how many of them were handed over
         self._parsed: list[dict[str, Any]] | Events = []
@@ -271,7 +295,7 @@ class EventStream:
         provider = self._provider
         try:
             if self._resp is None:
-                self._resp = await provider._open(self._url, self._data)
+                self._resp = await provider._open(self._url, self._payload)
             data = await self._resp.content.readany()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise provider._translate(exc) from exc

@@ -56,6 +56,7 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
         try:
             headers = self.trace_headers() if self.trace_headers is not None else None
             async with session.post(self._responses_url, data=orjson.dumps(body), timeout=self._timeout, headers=headers) as resp:
+                self._answered(resp)
                 if resp.status >= 400:
                     raise await self._error_for(resp)
                 raw = await resp.read()
@@ -84,6 +85,7 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
         try:
             headers = self.trace_headers() if self.trace_headers is not None else None
             async with session.post(self._responses_url, data=orjson.dumps(body), timeout=self._stream_timeout, headers=headers) as resp:
+                self._answered(resp)
                 if resp.status >= 400:
                     raise await self._error_for(resp)
                 async for lines in _lines(resp.content):
