@@ -4,6 +4,7 @@ bytes they came in, and the fold's shortcut for chunks that only add content."""
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator
 
 import httpx
@@ -263,3 +264,9 @@ def test_a_stream_kept_as_its_events_survives_the_persistent_tiers_envelope() ->
     # an event that is not JSON spoils the envelope: read back as no entry
     spoiled = CachedAnswer.of_events(Events([_CONTENT, b"not json"], "up").raw, None, "up", None, 1.0)
     assert CachedAnswer.decode(spoiled.encode()) is None
+    # kept compressed (the events repeat themselves), and an envelope stored uncompressed still reads
+    many = CachedAnswer.of_events(Events([_CONTENT] * 40 + [_FINISH, _USAGE], "up").raw, None, "up", None, 1.0)
+    assert len(many.encode()) * 5 < len(many.payload)
+    plain = zlib.decompress(many.encode())
+    assert plain.startswith(b"{") and CachedAnswer.decode(plain) == CachedAnswer.decode(many.encode()) == many
+    assert CachedAnswer.decode(b"\x78 not zlib") is None

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
+import zlib
 from collections import OrderedDict
 from typing import Any, NamedTuple, cast
 
@@ -95,6 +96,10 @@ class CachedAnswer(NamedTuple):
             # envelope, which then reads as no entry, as it should
             envelope["events"] = orjson.Fragment(b"[" + self.payload[6:-2].replace(b"\n\ndata: ", b",") + b"]")
             envelope["usage"] = orjson.Fragment(self.usage_json) if self.usage_json is not None else None
+            # every event repeats the chunk's id, model and fields: the benchmark's 40-chunk stream
+            # is 372 bytes at zlib's fastest level against 6 952 (about 60 µs, once, after the answer
+            # was sent), which keeps the table's and Redis's writes near those of a folded answer
+            return zlib.compress(orjson.dumps(envelope), 1)
         else:
             envelope["body"] = orjson.Fragment(self.payload)
         # compact too: pending writes are bounded by their length (MAX_PENDING_BYTES)
@@ -103,7 +108,8 @@ class CachedAnswer(NamedTuple):
     @classmethod
     def decode(cls, raw: bytes) -> CachedAnswer | None:
         try:
-            data = orjson.loads(raw)
+            # zlib's header byte (0x78) never starts JSON: compressed events, or an envelope as stored
+            data = orjson.loads(zlib.decompress(raw) if raw[:1] == b"\x78" else raw)
             backend, deployment, expires_at = data.get("backend") or "", data.get("deployment"), float(data["expires_at"])
             if "events" in data:
                 if not data["events"]:
@@ -111,7 +117,7 @@ class CachedAnswer(NamedTuple):
                 raw = b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in data["events"])
                 return cls.of_events(raw, data.get("usage"), backend, deployment, expires_at)
             return cls.of(data["body"], backend, deployment, expires_at)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        except (orjson.JSONDecodeError, zlib.error, KeyError, TypeError, ValueError, AttributeError):
             return None
 
 
