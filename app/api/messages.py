@@ -24,7 +24,7 @@ from app.api.lane import Dialect, check_content_type, read_body
 from app.api.middleware import RequestIds, declared_too_large, too_large
 from app.api.responses import json_response
 from app.errors import ANTHROPIC_PATH, GatewayError
-from app.pipeline.answer import Answer
+from app.pipeline.answer import Answer, Batch
 from app.pipeline.base import ModelRequest, RequestContext
 from app.serving import CLIENT_CLOSED
 from app.shapes import ChatCompletionChunk
@@ -160,7 +160,7 @@ class AnthropicEvents:
                 self._matched = choice.get("stop_reason")
         return b"".join(out)
 
-    def chunks(self, batch: list[ChatCompletionChunk]) -> bytes:
+    def chunks(self, batch: Batch) -> bytes:
         return b"".join(map(self.chunk, batch))
 
     def end(self) -> bytes:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from app.errors import GatewayError
+
+if TYPE_CHECKING:
+    from app.pipeline.answer import Batch
 
 #: what the finish reason makes of the response: (status, incomplete_details.reason)
 _ENDINGS = {"length": ("incomplete", "max_output_tokens"), "content_filter": ("incomplete", "content_filter")}
@@ -383,8 +386,9 @@ class ResponsesEvents:
         self._arguments = {}
         return out
 
-    def chunks(self, batch: list[dict[str, Any]]) -> bytes:
-        return b"".join(map(self.chunk, batch))
+    def chunks(self, batch: Batch) -> bytes:
+        # the chunks as plain dicts: this writer reads them by key, as it reads every chunk
+        return b"".join(map(self.chunk, cast("list[dict[str, Any]]", batch)))
 
     def end(self) -> bytes:
         out = [] if self._started else self._start()
