@@ -27,9 +27,10 @@ class CacheLayer:
     """Answers repeated requests from the cache; stores complete successful answers.
 
     A hit sets ``ctx.backend`` to the backend that produced the stored answer. A stream is stored
-    as the provider's events, unparsed, and a hit replays them (folded into the answer they amount
-    to for a plain request, every field kept: see :mod:`app.pipeline.streaming`); a stream from a
-    provider without events (an in-process engine), or too big as events, as that answer.
+    of one choice as the provider's events, unparsed, and a hit replays them (folded into the answer
+    they amount to for a plain request, every field kept: see :mod:`app.pipeline.streaming`); any
+    other stream (several choices or tool calls, one from an in-process engine, one too big as
+    events) as that answer.
     ``Cache-Control: no-cache`` skips the read (status ``bypass``) but still stores the fresh
     answer; ``no-store`` skips the write.
     """

@@ -354,10 +354,7 @@ async def settle_when_done(limiter: RateLimiter, reservation: Reservation, answe
         spent = spent_tokens(paid, answer.usage)
         await limiter.settle(reservation, spent.total if spent is not None else None)
 
-    if answer.is_stream:
-        await answer.when_done(settle)
-    else:
-        await settle(None)  # over already: no hook to register
+    await answer.when_done(settle)
     return answer
 
 
