@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.api.chat import json_object
+from app.api import errors
 from app.api.errors import method_not_allowed
 from app.api.lane import Dialect, check_content_type, read_body
 from app.api.middleware import RequestIds, declared_too_large, too_large
@@ -40,7 +41,8 @@ COUNT_TOKENS_PATH = ANTHROPIC_PATH + "/count_tokens"
 
 
 def error_response(exc: GatewayError) -> Response:
-    return json_response(exc.anthropic_body(), exc.status, exc.headers())
+    """``exc`` in Anthropic's shape, as every error under ``/v1/messages``."""
+    return errors.error_response(exc, PATH)
 
 
 def _event(name: bytes, data: dict[str, Any]) -> bytes:

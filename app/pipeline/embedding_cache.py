@@ -33,6 +33,7 @@ from app.metrics import Metrics
 from app.pipeline.answer import Answer
 from app.pipeline.base import EMBEDDINGS, Deployment, Handler, ModelRequest, RequestContext
 from app.pipeline.cache_key import KEY_VERSION, NEUTRAL_FIELDS, _normal, compute_cache_key
+from app.pipeline.params import add_usage
 from app.shapes import ChatCompletion
 from app.storage.response_cache import CachedAnswer, ResponseCache
 from app.vectors import BASE64, as_base64
@@ -111,7 +112,11 @@ class EmbeddingCacheLayer:
             # failover had another deployment answer than the one the hits came from
             wanted = dict(zip(keys, items, strict=True))
             again, more = await self._ask(request, ctx, {key: wanted[key] for key in found}, pinned=answering)
-            made["usage"] = _usage_sum(made.get("usage"), again.get("usage"))
+            usage = add_usage([made.get("usage"), again.get("usage")])
+            if usage is None:  # one call told none: a sum would undercount, the gateway estimates instead
+                made.pop("usage", None)
+            else:
+                made["usage"] = usage
             entries |= more
             ctx.cache_status = "miss"
         else:
@@ -181,12 +186,6 @@ def _one_deployment(found: dict[str, _Hit]) -> dict[str, _Hit]:
         return found
     chosen = counts.most_common(1)[0][0]
     return {key: hit for key, hit in found.items() if hit.stored.deployment == chosen}
-
-
-def _usage_sum(first: Any, second: Any) -> dict[str, int]:
-    """The usage of two calls that made one answer."""
-    parts = [u for u in (first, second) if isinstance(u, dict)]
-    return {name: sum(u.get(name) or 0 for u in parts) for name in ("prompt_tokens", "total_tokens")}
 
 
 def _vectors(made: dict[str, Any], count: int, backend: str) -> list[dict[str, Any]]:
