@@ -40,12 +40,16 @@ def _closed_by_the_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> N
         raise DisconnectionError("the server closed this connection")
 
 
+#: a server database's connections: kept open, and opened beyond them under load
+POOL_SIZE, POOL_OVERFLOW = 10, 10
+
+
 def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(url)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=1800)
+    engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_recycle=1800)
     event.listen(engine.sync_engine, "checkout", _closed_by_the_server)
     return engine
 
