@@ -143,8 +143,8 @@ class ProviderConfig(_Strict):
     drop_params: list[str] = []
     rename_params: dict[str, str] = {}
     max_n: int | None = Field(None, ge=1)
-    # kind: openai: ``native`` sends its chat requests (translated Responses requests among them)
-    # to its Responses API (/responses), for models served only there
+    # kind: openai: ``native`` forwards Responses requests to its Responses API (/responses) as they
+    # came, and sends its chat requests there re-encoded, for models served only there
     responses: Literal["translated", "native"] = "translated"
     # kind: vllm
     model: str | None = None
@@ -439,6 +439,10 @@ class Settings(_Strict):
         if isinstance(v, Mapping):
             return {k: {"deployments": d} if isinstance(d, list) else d for k, d in v.items()}
         return v
+
+    def native_responses(self) -> frozenset[str]:
+        """The providers that speak the Responses API natively (``responses: native``)."""
+        return frozenset(name for name, config in self.providers.items() if config.kind == "openai" and config.responses == "native")
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -119,7 +119,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> GatewayApp:
     ids = RequestIds()
     max_body = settings.server.max_body_bytes
     dialects = [Dialect(chat.PATH, chat.parse_request), Dialect(completions.PATH, completions.parse_request, COMPLETIONS), embeddings.EmbeddingsDialect(), messages.MessagesDialect()]
-    dialects.append(ResponsesDialect(lambda: app.state.services.responses))
+    dialects.append(ResponsesDialect(lambda: app.state.services))
     app.lanes = {d.path: ModelLane(d, lambda: app.state.services, ids, max_body) for d in dialects}
     app.lanes[messages.COUNT_TOKENS_PATH] = messages.CountTokensLane(lambda: app.state.services, ids, max_body)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body)

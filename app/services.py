@@ -32,6 +32,7 @@ from app.pipeline.dedupe import DedupeLayer
 from app.pipeline.dispatch import Dispatcher
 from app.pipeline.embedding_cache import EmbeddingCacheLayer
 from app.pipeline.failover import FailoverLayer, context_windows
+from app.pipeline.forward import ForwardLayer
 from app.pipeline.inflight import InflightCoordinator, LocalInflight
 from app.pipeline.provider_budget import ProviderBudgetLayer
 from app.pipeline.rate_limit import AgentRateLimitLayer
@@ -282,5 +283,9 @@ def build_pipeline(services: Services) -> Handler:
         lookups = services.cache if tel is None else TracedCache.around(services.cache, tel)
         handler = EmbeddingCacheLayer(CacheLayer(chat, lookups, services.metrics), handler, services.cache, services.metrics)
     handler = AgentRateLimitLayer(handler, res.agent_limits)
+    natives = services.settings.native_responses()
+    if natives:
+        # a Responses request whose route has a provider with that API natively goes as it came
+        handler = ForwardLayer(handler, natives)
     handler = RouterLayer(handler, services.router, services.classifier)
     return handler if tel is None else RequestSpan(handler, tel)

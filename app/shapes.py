@@ -82,14 +82,15 @@ class Events:
 
     __slots__ = ("_chunks", "_usage", "datas", "origin", "raw")
 
-    def __init__(self, datas: list[bytes], origin: str, raw: bytes | None = None) -> None:
+    def __init__(self, datas: list[bytes], origin: str, raw: bytes | None = None, chunks: list[Any] | None = None) -> None:
         self.datas = datas
         if raw is None:
             raw = b"data: " + b"\n\ndata: ".join(datas) + b"\n\n" if datas else b""
         self.raw = raw
         #: who sent them: named when one is not a chunk
         self.origin = origin
-        self._chunks: list[ChatCompletionChunk] | None = None
+        #: the events parsed, when whoever read them had to (a provider's Responses events)
+        self._chunks: list[ChatCompletionChunk] | None = chunks
         #: what :meth:`usage` found (several layers ask)
         self._usage: Usage | None | bool = False
 
@@ -139,6 +140,9 @@ class Events:
                 usage = _parsed([data], self.origin)[0].get("usage")
                 if usage:
                     return usage
+        if b'"response.' in self.raw:
+            # Responses events: the last one carries the response, its usage inside
+            return last_usage(self.chunks)
         return None
 
     def finishes(self) -> bool:
@@ -176,7 +180,30 @@ def last_usage(chunks: Sequence[ChatCompletionChunk | dict[str, Any]] | Events) 
         usage = chunk.get("usage")
         if usage:
             return usage  # type: ignore[return-value]
+    last: Any = chunks[-1] if chunks else None
+    if last is not None and last.get("type") in RESPONSE_ENDS:
+        return chat_usage((last.get("response") or {}).get("usage"))
     return None
+
+
+#: the Responses events that end a stream, each with the whole response
+RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def chat_usage(usage: Any) -> Usage | None:
+    """A usage as chat says it: a Responses API usage (``input_tokens``, ``output_tokens`` and
+    their details) told in chat's words, any other as it is (None when there is none)."""
+    if not isinstance(usage, dict) or "input_tokens" not in usage:
+        return usage or None  # type: ignore[return-value]
+    prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
+    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens")
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out  # type: ignore[return-value]
 
 
 def finishes(chunk: ChatCompletionChunk | dict[str, Any]) -> bool:

@@ -55,7 +55,8 @@ def echo_response(body: dict[str, Any], rid: str) -> dict[str, Any]:
 
 
 def events_of(response: dict[str, Any]) -> list[dict[str, Any]]:
-    """The events OpenAI streams for ``response``: its text a word a delta, a reasoning summary and a function call's arguments in one each."""
+    """The events OpenAI streams for ``response``: its text a word a delta, a reasoning summary and a
+    function call's arguments in one each, any other item added and done whole."""
     shell = {**response, "status": "in_progress", "output": [], "usage": None}
     events: list[dict[str, Any]] = [{"type": "response.created", "response": shell}, {"type": "response.in_progress", "response": shell}]
     for n, item in enumerate(response["output"]):
@@ -78,6 +79,9 @@ def events_of(response: dict[str, Any]) -> list[dict[str, Any]]:
             events.append({"type": "response.output_item.added", "output_index": n, "item": {**item, "status": "in_progress", "arguments": ""}})
             events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": n, "delta": item["arguments"]})
             events.append({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": n, "arguments": item["arguments"]})
+        else:
+            # a built-in tool's call (web_search_call, ...): added in progress, done as it is
+            events.append({"type": "response.output_item.added", "output_index": n, "item": {**item, "status": "in_progress"}})
         events.append({"type": "response.output_item.done", "output_index": n, "item": item})
     events.append({"type": "response.completed" if response.get("status", "completed") == "completed" else "response.incomplete", "response": response})
     return [{**e, "sequence_number": i} for i, e in enumerate(events)]

@@ -947,12 +947,15 @@ def test_native_provider_gets_responses_requests(upstream: FakeUpstream) -> None
         assert response.output_text == f"echo: {prompt}" and response.status == "completed"
         assert response.usage is not None and response.usage.output_tokens == 4
         [sent] = responses_requests(upstream)
+        # forwarded as the client sent it, but for the model and store
         assert sent == {
             "model": "gpt-native",
-            "input": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
+            "input": prompt,
+            "instructions": "Be brief.",
             "store": False,
             "max_output_tokens": 50,
             "reasoning": {"effort": "high"},
+            "metadata": {"a": "b"},
         }
         assert upstream.chat_requests == []
         # streamed, and continued from the gateway's own stored response (the provider keeps nothing)
@@ -960,7 +963,8 @@ def test_native_provider_gets_responses_requests(upstream: FakeUpstream) -> None
         assert [e.type for e in events][-1] == "response.completed" and events[-1].response.output_text == "echo: more"
         sent = responses_requests(upstream)[-1]
         assert sent["stream"] is True and "previous_response_id" not in sent
-        assert sent["input"] == [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"echo: {prompt}"}, {"role": "user", "content": "more"}]
+        [answered] = [item.model_dump(exclude_none=True) for item in response.output]
+        assert sent["input"] == [{"role": "user", "content": prompt}, answered, {"role": "user", "content": "more"}]
         # a chat client reaches the same provider through its Responses API
         chat = sdk.chat.completions.create(model="native", messages=[{"role": "user", "content": "chat via responses"}], max_tokens=9)
         assert chat.choices[0].message.content == "echo: chat via responses" and chat.choices[0].finish_reason == "stop"
@@ -994,10 +998,8 @@ def test_native_tool_calls_and_reasoning(upstream: FakeUpstream) -> None:
             # the tool's output goes back as a function_call_output item
             outputs: Any = [{"type": "function_call_output", "call_id": "call_native_1", "output": "cold"}]
             sdk.responses.create(model="native", input=outputs, previous_response_id=response.id, tools=tools)
-            assert responses_requests(upstream)[-1]["input"][-2:] == [
-                {"type": "function_call", "call_id": "call_native_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
-                {"type": "function_call_output", "call_id": "call_native_1", "output": "cold"},
-            ]
+            # the provider's own items (its reasoning among them) go back to it as it sent them
+            assert responses_requests(upstream)[-1]["input"][-3:] == [*NATIVE_CALL["output"], outputs[0]]
     finally:
         upstream.responses_answers = {}  # type: ignore[attr-defined]
 

@@ -1,7 +1,9 @@
-"""A Responses API request, validated and translated to the chat completion request the pipeline serves.
+"""A Responses API request, validated and translated to the chat completion request the pipeline
+serves; and kept as it came, for a provider with the Responses API natively (:func:`forward_body`).
 
 What maps, field by field (everything else the Responses API defines is refused with a 400
-naming it, never silently dropped; fields it does not define travel on, as vLLM extras do on chat):
+naming it, never silently dropped, unless the model has a native deployment, which takes it as it
+is; fields it does not define travel on, as vLLM extras do on chat):
 
     input (string)                    one user message
     input items: message              a message; developer becomes system; parts:
@@ -41,14 +43,18 @@ _OPEN = ConfigDict(extra="allow", strict=True)
 GATEWAY_FIELDS = frozenset(
     {"store", "metadata", "previous_response_id", "include", "truncation", "prompt_cache_key", "safety_identifier", "stream_options", "prompt_cache_retention"}
 )
-#: Responses features a chat completions provider cannot give: refused, naming the field
+#: what a provider needs the Responses API natively for (``responses: native``)
+_NATIVE = "; only a provider with the Responses API natively (responses: native) can serve it"
+#: Responses features a chat completions provider cannot give: forwarded to a provider with the
+#: Responses API natively, refused (naming the field) on a route without one
 UNSUPPORTED_FIELDS = {
-    "background": "background responses are not supported by the gateway",
-    "conversation": "the Conversations API is not supported by the gateway; use previous_response_id",
-    "prompt": "stored prompt templates are not supported by the gateway",
-    "max_tool_calls": "max_tool_calls limits built-in tools, which the gateway does not offer",
-    "context_management": "server-side context management is not supported by the gateway",
+    "background": "background responses cannot be served by a chat completions provider" + _NATIVE,
+    "prompt": "stored prompt templates cannot be served by a chat completions provider" + _NATIVE,
+    "max_tool_calls": "max_tool_calls limits built-in tools, which a chat completions provider does not offer" + _NATIVE,
+    "context_management": "server-side context management cannot be served by a chat completions provider" + _NATIVE,
 }
+#: refused on every route: the gateway keeps conversations itself (previous_response_id)
+_REFUSED_FIELDS = {"conversation": "the Conversations API is not supported by the gateway; use previous_response_id"}
 
 
 class ResponsesRequest(BaseModel):
@@ -92,9 +98,7 @@ def parse_responses_body(raw: bytes) -> dict[str, Any]:
         ResponsesRequest.model_validate(body)
     except ValidationError as exc:
         raise validation_error(list(exc.errors())) from None
-    for name, why in UNSUPPORTED_FIELDS.items():
-        if body.get(name) not in (None, False, [], {}):
-            raise BadRequestError(f"Unsupported parameter: '{name}': {why}.", param=name, code="unsupported_parameter")
+    _refuse_fields(body, _REFUSED_FIELDS)
     if body.get("n") not in (None, 1):
         raise BadRequestError("Unsupported parameter: 'n': a response is one answer.", param="n", code="unsupported_parameter")
     if "messages" in body:
@@ -106,6 +110,12 @@ def parse_responses_body(raw: bytes) -> dict[str, Any]:
     if body.get("input") is None and not body.get("previous_response_id"):
         raise BadRequestError("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
     return body
+
+
+def _refuse_fields(body: dict[str, Any], fields: dict[str, str]) -> None:
+    for name, why in fields.items():
+        if body.get(name) not in (None, False, [], {}):
+            raise BadRequestError(f"Unsupported parameter: '{name}': {why}.", param=name, code="unsupported_parameter")
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> BadRequestError:
@@ -299,7 +309,11 @@ def _response_format(fmt: Any) -> dict[str, Any] | None:
 
 def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The chat completion request for a Responses request, and the conversation it continues
-    (``history``, the previous response's messages, then this input: no instructions)."""
+    (``history``, the previous response's messages, then this input: no instructions).
+
+    What chat cannot say is a 400 naming it (a route with a provider that has the Responses API
+    natively forwards the request instead: :mod:`app.pipeline.forward`)."""
+    _refuse_fields(body, UNSUPPORTED_FIELDS)
     conversation = [*history, *input_messages(body.get("input"))]
     instructions = body.get("instructions")
     system = (
@@ -353,4 +367,43 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> tuple[dict
 
 
 #: the body fields that are the Responses API's own, never passed on as extras
-_NOT_EXTRAS = frozenset({*ResponsesRequest.model_fields, *GATEWAY_FIELDS, *UNSUPPORTED_FIELDS})
+_NOT_EXTRAS = frozenset({*ResponsesRequest.model_fields, *GATEWAY_FIELDS, *UNSUPPORTED_FIELDS, *_REFUSED_FIELDS})
+
+
+# -- the request as a provider with the Responses API natively takes it ------------------------------
+
+
+def given_items(value: str | list[Any] | None) -> list[Any]:
+    """A request's input as the list of items it amounts to (a string is one user message)."""
+    if value is None:
+        return []
+    return [{"role": "user", "content": value}] if isinstance(value, str) else list(value)
+
+
+def forward_body(body: dict[str, Any], history: list[Any] | None) -> dict[str, Any]:
+    """The request to forward: as the client sent it, but for ``previous_response_id``, which is the
+    gateway's and stands for ``history`` (the items of the stored conversation) before the input."""
+    forward = {k: v for k, v in body.items() if k != "previous_response_id"}
+    if history is not None:
+        forward["input"] = [*history, *given_items(body.get("input"))]
+    return forward
+
+
+def estimate_body(body: dict[str, Any], history: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """For a request chat cannot say: the chat request near enough to it for the limits' estimates
+    and the request log (never sent), and the conversation as far as chat can tell it (an item
+    chat cannot say left out)."""
+    conversation = list(history)
+    for item in given_items(body.get("input")):
+        try:
+            conversation += input_messages([item])
+        except BadRequestError:
+            continue
+    instructions = body.get("instructions")
+    system = [{"role": "system", "content": instructions}] if isinstance(instructions, str) and instructions else []
+    chat: dict[str, Any] = {"model": body["model"], "messages": [*system, *conversation] or [{"role": "user", "content": ""}]}
+    if body.get("max_output_tokens") is not None:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    if body.get("stream"):
+        chat["stream"] = True
+    return chat, conversation

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 
 from app.errors import GatewayError
+from app.shapes import Events
 
 if TYPE_CHECKING:
     from app.pipeline.answer import Batch
@@ -166,10 +167,19 @@ def from_completion(completion: dict[str, Any], origin: dict[str, Any], rid: str
 
 
 def assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
-    """The chat assistant message a response's output amounts to (reasoning left out: chat providers take none back)."""
-    text = "".join(p.get("text", "") for item in output if item["type"] == "message" for p in item["content"] if p["type"] == "output_text")
+    """The chat assistant message a response's output amounts to (reasoning and built-in tools'
+    items left out: chat providers take none back)."""
+    text = "".join(
+        p.get("text") or ""
+        for item in output
+        if item.get("type") == "message"
+        for p in item.get("content") or ()
+        if isinstance(p, dict) and p.get("type") == "output_text"
+    )
     calls = [
-        {"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}} for i in output if i["type"] == "function_call"
+        {"id": i.get("call_id"), "type": "function", "function": {"name": i.get("name"), "arguments": i.get("arguments") or ""}}
+        for i in output
+        if i.get("type") == "function_call"
     ]
     turn: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
     if calls:
@@ -179,6 +189,114 @@ def assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
 
 #: called once a streamed response has completed: (the response object, the assistant message)
 Finished = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+def plain_items(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A translated response's output as the input items that continue from it on a provider with
+    the Responses API natively: its text and calls, without the gateway's item ids (the provider
+    knows none) and without its reasoning (text a provider cannot take back)."""
+    turn = assistant_turn(output)
+    items: list[dict[str, Any]] = [{"role": "assistant", "content": turn["content"]}] if turn["content"] else []
+    for call in turn.get("tool_calls") or ():
+        items.append({"type": "function_call", "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]})
+    return items
+
+
+def as_gateways(response: dict[str, Any], origin: dict[str, Any], rid: str) -> dict[str, Any]:
+    """A provider's response to a forwarded request, as the gateway tells it: every item and field
+    the provider sent, but the id (the gateway's store answers for it) and what the gateway settled
+    itself (``previous_response_id``, ``store``: the provider was sent neither)."""
+    return {**response, "id": rid, "previous_response_id": origin.get("previous_response_id"), "store": origin.get("store", True)}
+
+
+def is_response_event(chunk: Any) -> bool:
+    """Whether a streamed answer is a forwarded request's Responses events (not chat chunks)."""
+    return isinstance(chunk, dict) and "choices" not in chunk and isinstance(chunk.get("type"), str)
+
+
+class RelayedEvents:
+    """A provider's Responses events, relayed as it sent them (``event:`` and ``data:`` lines, its
+    own sequence numbers): each event unchanged, but a whole response in one, which is told as the
+    gateway's (:func:`as_gateways`). A failure midway ends with ``error`` and ``response.failed``,
+    numbered on."""
+
+    def __init__(self, origin: dict[str, Any], rid: str, created_at: int, finished: Finished | None = None) -> None:
+        self._origin = origin
+        self._rid = rid
+        self._created_at = created_at
+        self._finished = finished
+        self._seq = 0
+        #: the response as the events have told it so far, and as it ended
+        self._response: dict[str, Any] | None = None
+        self._final: dict[str, Any] | None = None
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        return self.chunks([chunk])  # type: ignore[list-item]
+
+    def chunks(self, batch: Batch) -> bytes:
+        out: list[bytes] = []
+        datas = batch.datas if type(batch) is Events else None
+        for n, event in enumerate(cast("list[dict[str, Any]]", batch)):
+            kind = event.get("type")
+            if not isinstance(kind, str):
+                continue  # not an event (the usage the dispatcher adds when the provider said none)
+            if isinstance(event.get("sequence_number"), int):
+                self._seq = event["sequence_number"] + 1
+            response = event.get("response")
+            if isinstance(response, dict):
+                response = self._response = as_gateways(response, self._origin, self._rid)
+                if kind in ("response.completed", "response.incomplete"):
+                    self._final = response
+                data = orjson.dumps({**event, "response": response})
+            else:
+                data = datas[n] if datas is not None else orjson.dumps(event)
+            out.append(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        if self._final is not None and self._finished is not None:
+            self._finished(self._final, assistant_turn(self._final.get("output") or []))
+        return b""
+
+    def failed(self, exc: GatewayError) -> bytes:
+        code = exc.code or exc.error_type
+        error = self._event("error", code=code, message=exc.message, param=exc.param)
+        shell = self._response or response_object(self._origin, self._rid, self._created_at, model=None, status="failed", output=[], usage=None)
+        failed = self._event("response.failed", response={**shell, "status": "failed", "error": {"code": code, "message": exc.message}})
+        return error + failed
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, **fields, "sequence_number": self._seq}
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class EitherEvents:
+    """The Responses event stream of an answer that is either a provider's Responses events (a
+    forwarded request: relayed) or chat chunks (a translated one: written as events), told apart
+    by its first chunk."""
+
+    def __init__(self, relayed: RelayedEvents, translated: ResponsesEvents) -> None:
+        self._relayed = relayed
+        self._translated = translated
+        self._writer: RelayedEvents | ResponsesEvents | None = None
+
+    def _for(self, chunk: Any) -> RelayedEvents | ResponsesEvents:
+        if self._writer is None:
+            self._writer = self._relayed if is_response_event(chunk) else self._translated
+        return self._writer
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        return self._for(chunk).chunk(chunk)
+
+    def chunks(self, batch: Batch) -> bytes:
+        return self._for(batch[0] if batch else None).chunks(batch)
+
+    def end(self) -> bytes:
+        return (self._writer or self._translated).end()
+
+    def failed(self, exc: GatewayError) -> bytes:
+        return (self._writer or self._translated).failed(exc)
 
 
 class ResponsesEvents:

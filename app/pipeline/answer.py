@@ -1,5 +1,6 @@
 """What the pipeline answers: one shape for a complete answer (``chat.completion``, ``text_completion``,
-embeddings ``list``) and for a stream of chunks.
+embeddings ``list``, a forwarded request's Responses ``response``) and for a stream of chunks (or
+of a forwarded request's Responses events).
 
 A layer that must act when the answer is over (release a slot, settle a budget, store it, record
 the request) registers a hook with :meth:`Answer.when_done` instead of wrapping the stream; a
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple, Protocol
 import orjson
 
 from app.pipeline.streaming import ChunkAssembler
-from app.shapes import ChatCompletion, ChatCompletionChunk, Events, Usage, last_usage
+from app.shapes import ChatCompletion, ChatCompletionChunk, Events, Usage, chat_usage, last_usage
 
 log = logging.getLogger("admiral.pipeline")
 
@@ -62,8 +63,11 @@ class Answer:
         self._kept: list[Batch] | None = None
         #: a complete answer's bookkeeping, run by :meth:`sent` once the client has it
         self._after: Callable[[], None] | None = None
-        #: the usage the answer reports (a stream's once its usage chunk has passed)
-        self.usage: Usage | None = body.get("usage") if body is not None else None
+        #: the usage the answer reports (a stream's once its usage chunk has passed), in chat's words
+        usage = body.get("usage") if body is not None else None
+        if usage is not None and "input_tokens" in usage:
+            usage = chat_usage(usage)  # a forwarded request's response object
+        self.usage: Usage | None = usage
         #: read from the cache (exact, semantic, or the shared tier a finished flight left): not stored again
         self.from_cache = False
 
@@ -72,7 +76,7 @@ class Answer:
         """An answer from the cache: a complete one kept as JSON, decoded only if someone reads it,
         or a stream kept as the provider's events (``data: ...``), read as they are."""
         answer = cls(chunks=_Replay(Events.of_raw(encoded, "the cache"))) if encoded.startswith(b"data: ") else cls(encoded=encoded)
-        answer.usage = usage
+        answer.usage = chat_usage(usage) if usage is not None and "input_tokens" in usage else usage
         answer.from_cache = True
         return answer
 
@@ -257,7 +261,7 @@ def first_content(answer: Answer) -> Callable[[], str | None]:
         def of_body() -> str | None:
             choices = answer.body.get("choices") or ()
             if not choices:
-                return None
+                return _output_text(answer.body)
             first = choices[0]
             return (first.get("message") or {}).get("content") if "message" in first else first.get("text")  # type: ignore[return-value]
 
@@ -265,7 +269,13 @@ def first_content(answer: Answer) -> Callable[[], str | None]:
     parts: list[str] = []
 
     def tap(chunk: ChatCompletionChunk) -> None:
-        for choice in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        if choices is None:
+            # a forwarded request's Responses events: their text comes in its own deltas
+            if chunk.get("type") == "response.output_text.delta":  # type: ignore[comparison-overlap]
+                parts.append(chunk.get("delta") or "")  # type: ignore[misc]
+            return
+        for choice in choices:
             delta = choice.get("delta")
             # a text completion's events carry text instead of a delta
             content = delta.get("content") if isinstance(delta, dict) else choice.get("text") if delta is None else None
@@ -274,6 +284,20 @@ def first_content(answer: Answer) -> Callable[[], str | None]:
 
     answer.on_chunk(tap)
     return lambda: "".join(parts)
+
+
+def _output_text(body: Any) -> str | None:
+    """A Responses ``response``'s text (its messages' ``output_text`` parts), or None for anything else."""
+    output = body.get("output")
+    if not isinstance(output, list):
+        return None
+    return "".join(
+        part.get("text") or ""
+        for item in output
+        if isinstance(item, dict) and item.get("type") == "message"
+        for part in item.get("content") or ()
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    )
 
 
 class Tokens(NamedTuple):

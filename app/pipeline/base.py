@@ -30,6 +30,8 @@ class Deployment:
 CHAT = "chat"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
+#: a Responses API request forwarded as the client sent it (see :mod:`app.pipeline.forward`)
+RESPONSES = "responses"
 
 
 def _text_of(value: Any) -> list[str]:
@@ -107,6 +109,17 @@ class ModelRequest:
             prompt = sum(len(str(m.get("content") or "")) for m in self.body["messages"]) // 4 + 1
             limit = self.body.get("max_completion_tokens") or self.body.get("max_tokens") or 256
         return prompt + int(limit) * int(self.body.get("n") or 1)
+
+
+@dataclass(slots=True)
+class Forwardable(ModelRequest):
+    """A request translated to chat (``body``) that a provider speaking the client's own API may
+    take as it came (``forward``, its ``model`` still the client's; see :mod:`app.pipeline.forward`).
+    ``refusal`` is why chat cannot say it, None when it can (``body`` is then only an estimate, for
+    the limits and the log)."""
+
+    forward: dict[str, Any] = field(default_factory=dict)
+    refusal: Exception | None = None
 
 
 @dataclass(slots=True)

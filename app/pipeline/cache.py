@@ -16,10 +16,11 @@ from app.storage.response_cache import CachedAnswer, ResponseCache
 
 
 def is_complete(body: Mapping[str, Any]) -> bool:
-    """A whole answer: at least one choice, and every choice says why it ended."""
+    """A whole answer: at least one choice, and every choice says why it ended (a Responses
+    ``response``: completed, or incomplete as a choice cut by its token limit is)."""
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
-        return False
+        return body.get("object") == "response" and body.get("status") in ("completed", "incomplete")
     return all(isinstance(c, dict) and bool(c.get("finish_reason")) for c in choices)
 
 
@@ -89,7 +90,7 @@ class CacheLayer:
             if kept and all(type(batch) is Events for batch in kept):
                 events = Events.joined(kept)  # type: ignore[arg-type]
                 if _single(events.raw):
-                    if not events.finishes():
+                    if not events.finishes() and not _responded(events):
                         return
                     deployment = str(ctx.deployment) if ctx.deployment else None
                     if self._cache.put_events(key, ctx.cache_namespace, events.raw, events.usage(), ctx.backend, deployment) is not None:
@@ -101,6 +102,14 @@ class CacheLayer:
                 self._store(key, ctx, body)  # type: ignore[arg-type]
         except UpstreamBadResponseError:
             return  # an event that is not a chunk: not an answer to keep
+
+
+def _responded(events: Events) -> bool:
+    """Whether Responses events end with a response that is whole (not failed, not cut)."""
+    if not events or b'"response.' not in events.raw:
+        return False
+    last = events[-1]
+    return last.get("type") in ("response.completed", "response.incomplete") and is_complete(last.get("response") or {})
 
 
 def _single(raw: bytes) -> bool:

@@ -40,6 +40,7 @@ from app.errors import (
 from app.metrics import Metrics
 from app.pipeline.answer import Answer
 from app.pipeline.base import Deployment, Handler, ModelRequest, RequestContext
+from app.pipeline.forward import NativeCall
 from app.pipeline.latency import LatencyTracker
 from app.pipeline.params import context_needed
 from app.pipeline.policy import from_section
@@ -96,9 +97,11 @@ class FailoverLayer:
         deadline = self._clock.now() + policy.deadline_s
         last: dict[Deployment, UpstreamError] = {}
         calls: dict[Deployment, int] = {}
+        # a forwarded request is given to each deployment in the form it takes (app/pipeline/forward.py)
+        native = request if type(request) is NativeCall else None
         windows = self._windows.get(ctx.route)
         if windows:
-            self._skip_too_small(request, ctx, windows, last)
+            self._skip_too_small(native.translated if native is not None and native.translated is not None else request, ctx, windows, last)
         for round_ in range(policy.attempts):
             # a provider that rejected our key will not accept it a second later, nor a prompt too long for it
             order = [d for d in self._order(ctx) if not isinstance(last.get(d), (UpstreamAuthError, ContextLengthError))]
@@ -108,17 +111,18 @@ class FailoverLayer:
                 if remaining <= 0:
                     raise self._exhausted(ctx, last, calls, deadline_hit=True)
                 ctx.deployment = deployment
+                call = request if native is None else native.at(deployment)
                 started = time.perf_counter()
                 limit = asyncio.timeout(remaining)
                 try:
                     async with limit:
-                        result = await self._next(request, ctx)
+                        result = await self._next(call, ctx)
                 except TimeoutError:
                     if not limit.expired():
                         raise
                     raise self._exhausted(ctx, last, calls, deadline_hit=True) from None
                 except (UpstreamError, BadRequestError) as exc:
-                    too_long = as_context_length(exc, request.endpoint)
+                    too_long = as_context_length(exc, call.endpoint)
                     if too_long is not None:
                         # another deployment may have room for it; this one will not, this round or the next
                         last[deployment] = too_long

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from app.shapes import ChatCompletion, ChatCompletionChunk, ChunkChoice, Events
+from app.shapes import RESPONSE_ENDS, ChatCompletion, ChatCompletionChunk, ChunkChoice, Events
 
 #: a content-only chunk's event around its content, its key counts (chunk, choices, choice, delta) and the message it adds to
 _Shape = tuple[bytes, bytes, tuple[int, int, int, int], dict[str, Any]]
@@ -87,9 +87,11 @@ class ChunkAssembler:
     """Folds chunks into one ``chat.completion`` (or ``text_completion``, when the chunks' choices
     carry ``text``); ``finished`` once every choice has a finish_reason."""
 
-    __slots__ = ("_choices", "_head", "_settled", "_shape", "_text", "usage")
+    __slots__ = ("_choices", "_head", "_response", "_settled", "_shape", "_text", "usage")
 
     def __init__(self) -> None:
+        #: a Responses stream's response as its events tell it (see :class:`ResponseFold`)
+        self._response: ResponseFold | None = None
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
@@ -150,6 +152,12 @@ class ChunkAssembler:
                 self.usage = usage
 
     def _add_head(self, chunk: ChatCompletionChunk | dict[str, Any]) -> None:
+        if "choices" not in chunk and "type" in chunk:
+            # a Responses API event (a forwarded request's stream): no chunk's fields to gather
+            if self._response is None:
+                self._response = ResponseFold()
+            self._response.add(chunk)  # type: ignore[arg-type]
+            return
         head = self._head
         settled = True
         for key, value in chunk.items():
@@ -195,9 +203,13 @@ class ChunkAssembler:
 
     @property
     def finished(self) -> bool:
+        if self._response is not None:
+            return self._response.final is not None
         return bool(self._choices) and all(c["finish_reason"] for c in self._choices.values())
 
     def result(self) -> ChatCompletion:
+        if self._response is not None:
+            return self._response.result()  # type: ignore[return-value]
         if self._text:
             return self._text_result()  # type: ignore[return-value]
         choices = []
@@ -223,6 +235,33 @@ class ChunkAssembler:
         if self.usage:
             body["usage"] = self.usage
         return body
+
+
+class ResponseFold:
+    """A Responses event stream folded into its ``response``: the one its last event carries
+    whole (``response.completed``, ``.incomplete``, ``.failed``); before that, the one it began
+    with and the items done so far."""
+
+    __slots__ = ("_items", "_shell", "final")
+
+    def __init__(self) -> None:
+        self.final: dict[str, Any] | None = None
+        self._shell: dict[str, Any] = {}
+        self._items: dict[int, Any] = {}
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in RESPONSE_ENDS:
+            self.final = event.get("response")
+        elif kind == "response.created" and isinstance(event.get("response"), dict):
+            self._shell = event["response"]
+        elif kind == "response.output_item.done" and isinstance(event.get("output_index"), int):
+            self._items[event["output_index"]] = event.get("item")
+
+    def result(self) -> dict[str, Any]:
+        if self.final is not None:
+            return self.final
+        return {**self._shell, "output": [self._items[i] for i in sorted(self._items)]}
 
 
 def _shape_of(chunk: ChatCompletionChunk | dict[str, Any], raw: bytes, content: str, message: dict[str, Any]) -> _Shape | None:
@@ -269,6 +308,9 @@ def replay(body: ChatCompletion | dict[str, Any]) -> Iterator[ChatCompletionChun
     if is_text_completion(body):
         yield from replay_text(body)  # type: ignore[misc, arg-type]
         return
+    if body.get("object") == "response":
+        yield from replay_response(body)  # type: ignore[misc, arg-type]
+        return
     base = {k: v for k, v in body.items() if k not in ("choices", "usage", "object")}
     base["object"] = "chat.completion.chunk"
     choices = body.get("choices") or []
@@ -310,3 +352,44 @@ def replay_text(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield {**base, "choices": closing}
     if body.get("usage"):
         yield {**base, "choices": [], "usage": body["usage"]}
+
+
+def replay_response(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A complete Responses API ``response`` as the events OpenAI streams for it: created and in
+    progress (no output yet), then each item added, its text or arguments in one delta each, done,
+    and the response whole at the end (``response.completed``, or its status's event)."""
+    events: list[dict[str, Any]] = []
+    shell = {**response, "status": "in_progress", "output": [], "usage": None}
+    events += [{"type": "response.created", "response": shell}, {"type": "response.in_progress", "response": shell}]
+    for n, item in enumerate(response.get("output") or ()):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message" and isinstance(item.get("content"), list):
+            events.append({"type": "response.output_item.added", "output_index": n, "item": {**item, "status": "in_progress", "content": []}})
+            for c, part in enumerate(item["content"]):
+                where = {"item_id": item.get("id"), "output_index": n, "content_index": c}
+                key = "refusal" if part.get("type") == "refusal" else "text"
+                empty = {**part, key: ""}
+                if key == "text" and "logprobs" in part:
+                    empty["logprobs"] = []
+                events.append({"type": "response.content_part.added", **where, "part": empty})
+                name = "response.refusal" if key == "refusal" else "response.output_text"
+                delta = {"type": name + ".delta", **where, "delta": part.get(key) or ""}
+                done = {"type": name + ".done", **where, key: part.get(key) or ""}
+                if key == "text":
+                    delta["logprobs"] = done["logprobs"] = part.get("logprobs") or []
+                events += [delta, done, {"type": "response.content_part.done", **where, "part": part}]
+        elif kind == "function_call":
+            events.append({"type": "response.output_item.added", "output_index": n, "item": {**item, "status": "in_progress", "arguments": ""}})
+            where = {"item_id": item.get("id"), "output_index": n}
+            events.append({"type": "response.function_call_arguments.delta", **where, "delta": item.get("arguments") or ""})
+            events.append({"type": "response.function_call_arguments.done", **where, "arguments": item.get("arguments") or ""})
+        else:
+            # any other item (reasoning, a built-in tool's call) as it is
+            events.append({"type": "response.output_item.added", "output_index": n, "item": item})
+        events.append({"type": "response.output_item.done", "output_index": n, "item": item})
+    status = response.get("status")
+    end = "response.failed" if status == "failed" else "response.incomplete" if status == "incomplete" else "response.completed"
+    events.append({"type": end, "response": response})
+    for n, event in enumerate(events):
+        event["sequence_number"] = n
+        yield event

@@ -1,12 +1,14 @@
 """An OpenAI-compatible provider spoken to through its Responses API (``responses: native``).
 
-Some models are served only on ``/v1/responses`` (OpenAI's codex and pro models, for one). For a
-provider marked ``responses: native`` the gateway's chat requests — those of chat clients and
-the Responses requests translated to chat at the edge alike — go to its ``/responses`` as the
-Responses request they mean, and its answers (whole, or as events) come back as the chat
-completion (or chunks) they amount to, so every layer above works unchanged. Completions and
-embeddings go to their usual paths. The provider keeps nothing: each call sends the whole
-conversation with ``store: false`` (the gateway stores responses itself).
+Some models are served only on ``/v1/responses`` (OpenAI's codex and pro models, for one). A
+Responses request for such a provider comes forwarded (endpoint ``responses``, see
+:mod:`app.pipeline.forward`): it goes to ``/responses`` as the client sent it, but for the model
+and ``store: false``, and the provider's response object or event stream comes back as it was sent
+(:class:`ForwardedEvents`). A chat request — a chat client's — goes as the Responses request it
+means, and its answer (whole, or as events) comes back as the chat completion (or chunks) it
+amounts to, so every layer above works unchanged. Completions and embeddings go to their usual
+paths. The provider keeps nothing: each call sends the whole conversation with ``store: false``
+(the gateway stores responses itself).
 
 What a chat request can say that the Responses API cannot (``n`` > 1, ``stop``, ``seed``,
 penalties, ``logit_bias``, audio) is refused with a 400 naming it, never dropped.
@@ -14,7 +16,7 @@ penalties, ``logit_bias``, audio) is refused with a 400 naming it, never dropped
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -24,7 +26,12 @@ from app.config import ProviderConfig
 from app.errors import UpstreamBadResponseError, UpstreamClientError, UpstreamError
 from app.providers.base import UpstreamRequest
 from app.providers.openai_compat import OpenAICompatibleProvider, _lines
+from app.shapes import RESPONSE_ENDS, Events, chat_usage
 
+#: makes the error for what the Responses API cannot take: (param, why)
+Refuse = Callable[[str, str], Exception]
+#: the operation of a request forwarded as the client sent it (app/pipeline/forward.py)
+RESPONSES = "responses"
 #: chat fields the Responses API has no counterpart for
 _NO_COUNTERPART = ("stop", "seed", "frequency_penalty", "presence_penalty", "logit_bias", "audio", "modalities", "prediction", "functions", "function_call")
 #: chat fields that travel under the same name
@@ -49,10 +56,15 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
         )
 
     async def complete(self, request: UpstreamRequest) -> dict[str, Any]:
+        if request.endpoint == RESPONSES:
+            return await self._response(forwarded(request.payload, request.model, stream=False))
         if request.endpoint != "chat":
             return await super().complete(request)
+        return chat_completion(await self._response(self.responses_request(request.payload, request.model, stream=False)))
+
+    async def _response(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The provider's response object for a Responses request (a failed one raised)."""
         session = self._session_or_fail()
-        body = self.responses_request(request.payload, request.model, stream=False)
         try:
             headers = self.trace_headers() if self.trace_headers is not None else None
             async with session.post(self._responses_url, data=orjson.dumps(body), timeout=self._timeout, headers=headers) as resp:
@@ -72,13 +84,16 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
             raise UpstreamBadResponseError(f"{self.name} answered JSON that is not a response", backend=self.name)
         if response.get("status") == "failed":
             raise self._failed(response.get("error"))
-        return chat_completion(response)
+        return response
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
+        if request.endpoint == RESPONSES:
+            return ForwardedEvents(self, self._responses_url, forwarded(request.payload, request.model, stream=True))
         if request.endpoint != "chat":
-            async for chunk in super().stream(request):
-                yield chunk
-            return
+            return super().stream(request)
+        return self._chat_stream(request)
+
+    async def _chat_stream(self, request: UpstreamRequest) -> AsyncIterator[dict[str, Any]]:
         session = self._session_or_fail()
         body = self.responses_request(request.payload, request.model, stream=True)
         chunks = ChunksOfEvents()
@@ -92,17 +107,7 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
                     for line in lines:
                         if not line.startswith(b"data:"):
                             continue
-                        try:
-                            event = orjson.loads(line[5:])
-                        except orjson.JSONDecodeError as exc:
-                            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
-                        if not isinstance(event, dict):
-                            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
-                        kind = event.get("type")
-                        if kind == "error":
-                            raise self._failed(event)
-                        if kind == "response.failed":
-                            raise self._failed((event.get("response") or {}).get("error"))
+                        event = self._event(line[5:])
                         for chunk in chunks.feed(event):
                             yield chunk
                         if chunks.finished:
@@ -112,6 +117,21 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._translate(exc) from exc
         raise UpstreamError(f"{self.name} ended the stream before it finished", backend=self.name)
+
+    def _event(self, data: bytes) -> dict[str, Any]:
+        """One streamed event; the provider's error (an ``error`` or ``response.failed`` event) raised."""
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
+        if not isinstance(event, dict):
+            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
+        kind = event.get("type")
+        if kind == "error":
+            raise self._failed(event)
+        if kind == "response.failed":
+            raise self._failed((event.get("response") or {}).get("error"))
+        return event
 
     def _failed(self, error: Any) -> UpstreamError:
         detail = str(error.get("message") or "") if isinstance(error, dict) else ""
@@ -162,44 +182,66 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
         return body
 
     def _items(self, message: dict[str, Any], index: int) -> list[dict[str, Any]]:
-        role = message.get("role")
-        content = message.get("content")
-        if role == "tool":
-            return [{"type": "function_call_output", "call_id": message.get("tool_call_id") or "", "output": _text_of(content)}]
-        items: list[dict[str, Any]] = []
-        if role == "assistant":
-            if content:
-                items.append({"role": "assistant", "content": _text_of(content)})
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") or {}
-                items.append(
-                    {"type": "function_call", "call_id": call.get("id") or "", "name": function.get("name") or "", "arguments": function.get("arguments") or ""}
-                )
-            return items
-        if isinstance(content, list):
-            content = [self._part(p, index, n) for n, p in enumerate(content)]
-        return [{"role": role, "content": content if content is not None else ""}]
-
-    def _part(self, part: dict[str, Any], index: int, n: int) -> dict[str, Any]:
-        kind = part.get("type")
-        if kind == "text":
-            return {"type": "input_text", "text": part.get("text") or ""}
-        if kind == "image_url":
-            image = part.get("image_url") or {}
-            url = image.get("url") if isinstance(image, dict) else image
-            out = {"type": "input_image", "image_url": url}
-            if isinstance(image, dict) and image.get("detail"):
-                out["detail"] = image["detail"]
-            return out
-        if kind == "file":
-            return {"type": "input_file", **(part.get("file") or {})}
-        raise self._refused(f"messages[{index}].content[{n}].type", f"takes no {str(kind)[:50]!r} content part.")
+        return message_items(message, index, self._refused)
 
     def _tool(self, tool: dict[str, Any], index: int) -> dict[str, Any]:
         if tool.get("type") != "function":
             raise self._refused(f"tools[{index}].type", "takes only function tools from a chat request.")
         function = tool.get("function") or {}
         return {"type": "function", **{k: v for k, v in function.items() if v is not None}}
+
+
+def message_items(message: dict[str, Any], index: int, refuse: Refuse) -> list[dict[str, Any]]:
+    """A chat message as the Responses input items it amounts to (``refuse`` makes the error for a part that has none)."""
+    role = message.get("role")
+    content = message.get("content")
+    if role == "tool":
+        return [{"type": "function_call_output", "call_id": message.get("tool_call_id") or "", "output": _text_of(content)}]
+    items: list[dict[str, Any]] = []
+    if role == "assistant":
+        if content:
+            items.append({"role": "assistant", "content": _text_of(content)})
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            items.append(
+                {"type": "function_call", "call_id": call.get("id") or "", "name": function.get("name") or "", "arguments": function.get("arguments") or ""}
+            )
+        return items
+    if isinstance(content, list):
+        content = [_part(p, index, n, refuse) for n, p in enumerate(content)]
+    return [{"role": role, "content": content if content is not None else ""}]
+
+
+def _part(part: dict[str, Any], index: int, n: int, refuse: Refuse) -> dict[str, Any]:
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "input_text", "text": part.get("text") or ""}
+    if kind == "image_url":
+        image = part.get("image_url") or {}
+        url = image.get("url") if isinstance(image, dict) else image
+        out = {"type": "input_image", "image_url": url}
+        if isinstance(image, dict) and image.get("detail"):
+            out["detail"] = image["detail"]
+        return out
+    if kind == "file":
+        return {"type": "input_file", **(part.get("file") or {})}
+    raise refuse(f"messages[{index}].content[{n}].type", f"takes no {str(kind)[:50]!r} content part.")
+
+
+def chat_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages as the Responses input items they amount to; a content part the Responses
+    API has no counterpart for leaves its message as text."""
+    items: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        try:
+            items += message_items(message, index, _no_counterpart)
+        except ValueError:
+            items += message_items({**message, "content": _text_of(message.get("content"))}, index, _no_counterpart)
+    return items
+
+
+def _no_counterpart(param: str, why: str) -> Exception:
+    return ValueError(f"{param}: {why}")
 
 
 def _text_of(content: Any) -> str:
@@ -223,17 +265,7 @@ def _tool_choice(choice: Any) -> Any:
 
 
 def _usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
-    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
-    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens")
-    if cached is not None:
-        out["prompt_tokens_details"] = {"cached_tokens": cached}
-    reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
-    if reasoning is not None:
-        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-    return out
+    return chat_usage(usage) if isinstance(usage, dict) else None  # type: ignore[return-value]
 
 
 def _finish(response: dict[str, Any], has_calls: bool) -> str:
@@ -347,3 +379,95 @@ class ChunksOfEvents:
                 out.append({**self._head, "choices": [], "usage": usage})
             return out
         return []
+
+
+# -- a Responses request forwarded -----------------------------------------------------------------
+
+
+def forwarded(payload: dict[str, Any], model: str, *, stream: bool) -> dict[str, Any]:
+    """The client's Responses request as the provider gets it: its model, ``store: false`` (the
+    gateway stores responses itself), streamed or not as this call is; everything else as sent."""
+    body = {**payload, "model": model, "store": False}
+    if stream:
+        body["stream"] = True
+    else:
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+    return body
+
+
+class ForwardedEvents:
+    """A forwarded request's event stream as the provider sent it, a network read at a time.
+
+    :meth:`batch` gives what a read brought as :class:`~app.shapes.Events` (each event's JSON as it
+    came, parsed once here); the stream ends after the event that ends the response. An ``error``
+    or ``response.failed`` event is raised once the events before it are handed over; an end
+    before the response ended is an :class:`UpstreamError`."""
+
+    __slots__ = ("_error", "_finished", "_held", "_payload", "_provider", "_resp", "_rest", "_url")
+
+    def __init__(self, provider: OpenAIResponsesProvider, url: str, payload: dict[str, Any]) -> None:
+        self._provider = provider
+        self._url = url
+        self._payload = payload
+        self._resp: aiohttp.ClientResponse | None = None
+        self._rest = b""
+        self._finished = False
+        self._error: UpstreamError | None = None
+        #: what ``__anext__`` has not handed over yet
+        self._held: list[dict[str, Any]] = []
+
+    def __aiter__(self) -> ForwardedEvents:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while not self._held:
+            batch = await self.batch()
+            if not batch:
+                raise StopAsyncIteration
+            self._held = list(batch)  # type: ignore[arg-type]
+        return self._held.pop(0)
+
+    async def batch(self) -> Events | list[dict[str, Any]]:
+        provider = self._provider
+        while True:
+            if self._error is not None or self._finished:
+                await self.aclose()
+                if self._error is not None:
+                    raise self._error
+                return []
+            try:
+                if self._resp is None:
+                    self._resp = await provider._open(self._url, self._payload)
+                data = await self._resp.content.readany()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                await self.aclose()
+                raise provider._translate(exc) from exc
+            except BaseException:
+                await self.aclose()
+                raise
+            if not data:
+                await self.aclose()
+                raise UpstreamError(f"{provider.name} ended the stream before it finished", backend=provider.name)
+            *lines, self._rest = (self._rest + data).split(b"\n")
+            datas: list[bytes] = []
+            events: list[dict[str, Any]] = []
+            for line in lines:
+                if not line.startswith(b"data:") or self._finished:
+                    continue
+                data = line[5:].strip()
+                try:
+                    event = provider._event(data)
+                except UpstreamError as exc:
+                    self._error = exc
+                    break
+                datas.append(data)
+                events.append(event)
+                self._finished = event.get("type") in RESPONSE_ENDS
+            if events:
+                return Events(datas, provider.name, chunks=events)
+
+    async def aclose(self) -> None:
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            await resp.__aexit__(None, None, None)

@@ -1,8 +1,8 @@
 """Responses API responses kept per agent (``store: true``): written off the request path, read by id.
 
-A stored response holds the response object as its client got it, the chat conversation that
-led to it (its own answer included), so ``previous_response_id`` continues without walking a chain,
-and the request's input as Responses items.
+A stored response holds the response object as its client got it, the conversation that led to
+it (its own answer included) as chat messages and as Responses items, so ``previous_response_id``
+continues without walking a chain, translated or forwarded, and the request's input as Responses items.
 ``put`` never waits: the row waits in memory until a background task has written it, and reads
 look there first, so a continuation sent right after its predecessor's answer finds it on this
 process. Rows older than the request log's ``retention_days`` are pruned hourly.
@@ -43,6 +43,9 @@ class StoredRecord:
     response: dict[str, Any]
     #: the request's input as Responses items (for ``GET /v1/responses/{id}/input_items``)
     input_items: list[dict[str, Any]] = field(default_factory=list)
+    #: the conversation as Responses items, its own output included, for a continuation forwarded
+    #: to a provider with the Responses API (None in rows stored before it was kept)
+    items: list[dict[str, Any]] | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -50,14 +53,14 @@ class StoredRecord:
             "agent": self.agent,
             "created_at": self.created_at,
             # the column holds the chat messages and, beside them, the input items
-            "conversation": orjson.dumps({"messages": self.conversation, "input": self.input_items}),
+            "conversation": orjson.dumps({"messages": self.conversation, "input": self.input_items, "items": self.items}),
             "response": orjson.dumps(self.response),
         }
 
     @classmethod
     def of_row(cls, row: Any) -> StoredRecord:
         kept = orjson.loads(row.conversation)
-        return cls(row.id, row.agent, row.created_at, kept["messages"], orjson.loads(row.response), kept["input"])
+        return cls(row.id, row.agent, row.created_at, kept["messages"], orjson.loads(row.response), kept["input"], kept.get("items"))
 
 
 class ResponseStore:
