@@ -48,13 +48,16 @@ _NATIVE = "; only a provider with the Responses API natively (responses: native)
 #: Responses features a chat completions provider cannot give: forwarded to a provider with the
 #: Responses API natively, refused (naming the field) on a route without one
 UNSUPPORTED_FIELDS = {
-    "background": "background responses cannot be served by a chat completions provider" + _NATIVE,
     "prompt": "stored prompt templates cannot be served by a chat completions provider" + _NATIVE,
     "max_tool_calls": "max_tool_calls limits built-in tools, which a chat completions provider does not offer" + _NATIVE,
     "context_management": "server-side context management cannot be served by a chat completions provider" + _NATIVE,
 }
 #: refused on every route: the gateway keeps conversations itself (previous_response_id)
-_REFUSED_FIELDS = {"conversation": "the Conversations API is not supported by the gateway; use previous_response_id"}
+_REFUSED_FIELDS = {
+    "conversation": "the Conversations API is not supported by the gateway; use previous_response_id",
+    # the provider stores nothing (store: false) and the gateway keeps no queue of its own to poll
+    "background": "background responses are not supported by the gateway: it answers while the client waits",
+}
 
 
 class ResponsesRequest(BaseModel):
