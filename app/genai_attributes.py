@@ -12,6 +12,7 @@ from opentelemetry.trace import Span, StatusCode
 from app.errors import BackendUnavailableError, GatewayError
 from app.pipeline.answer import Answer
 from app.pipeline.base import COMPLETIONS, EMBEDDINGS, ModelRequest
+from app.shapes import RESPONSE_ENDS, chat_usage
 
 #: gen_ai.operation.name of each pipeline endpoint
 OPERATIONS = {"chat": "chat", COMPLETIONS: "text_completion", EMBEDDINGS: "embeddings"}
@@ -120,6 +121,9 @@ class AnswerNotes:
 
     def body(self, body: Mapping[str, Any]) -> None:
         self._head(body)
+        if body.get("object") == "response":
+            self._response(body)
+            return
         for i, choice in enumerate(body.get("choices") or ()):
             if not isinstance(choice, dict):
                 continue
@@ -134,6 +138,13 @@ class AnswerNotes:
             self.usage = body["usage"]
 
     def chunk(self, chunk: Mapping[str, Any]) -> None:
+        if chunk.get("type") in RESPONSE_ENDS:
+            # a forwarded Responses stream: its last event carries the whole response
+            response = chunk.get("response")
+            if isinstance(response, dict):
+                self._head(response)
+                self._response(response)
+            return
         if self.model is None:
             self._head(chunk)
         for choice in chunk.get("choices") or ():
@@ -149,6 +160,23 @@ class AnswerNotes:
                     self.texts.setdefault(index, []).append(text)
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
+
+    def _response(self, response: Mapping[str, Any]) -> None:
+        """A Responses API response (forwarded to a provider that has the API): its status as the
+        finish reason, its usage in chat's words, its output text."""
+        if isinstance(response.get("status"), str):
+            self.finish[0] = response["status"]
+        self.usage = chat_usage(response.get("usage"))
+        if self.capture:
+            texts = [
+                part["text"]
+                for item in response.get("output") or ()
+                if isinstance(item, dict) and item.get("type") == "message"
+                for part in item.get("content") or ()
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            ]
+            if texts:
+                self.texts[0] = texts
 
     def _head(self, obj: Mapping[str, Any]) -> None:
         if isinstance(obj.get("model"), str):

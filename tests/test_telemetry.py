@@ -27,6 +27,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from app.api.lane import ModelLane
 from app.config import ConfigError, TelemetryConfig
+from app.genai_attributes import AnswerNotes
 from app.json_logs import JsonFormatter, request_line
 from app.pipeline.base import ModelRequest, RequestContext
 from app.pipeline.router import RouterLayer
@@ -719,3 +720,23 @@ def test_the_vllm_engine_call_is_a_span_of_its_attempt(tiny_model: Any, receiver
         assert engine.attributes["gen_ai.response.finish_reasons"] == [plain.choices[0].finish_reason]
         streamed = receiver.trace(streamed_trace, 4)
         assert "first chunk" in one(streamed, "vllm generate").events
+
+
+def test_a_forwarded_response_is_told_in_the_same_attributes() -> None:
+    response = {
+        "object": "response",
+        "id": "resp_1",
+        "model": "gpt-5-codex",
+        "status": "completed",
+        "output": [{"type": "web_search_call", "id": "ws_1"}, {"type": "message", "content": [{"type": "output_text", "text": "Sunny."}]}],
+        "usage": {"input_tokens": 12, "output_tokens": 3, "total_tokens": 15},
+    }
+    plain, streamed = AnswerNotes(capture=True), AnswerNotes(capture=True)
+    plain.body(response)
+    streamed.chunk({"type": "response.output_text.delta", "delta": "Sunny."})
+    streamed.chunk({"type": "response.completed", "response": response})
+    for notes in (plain, streamed):
+        a = notes.attributes()
+        assert a["gen_ai.usage.input_tokens"] == 12 and a["gen_ai.usage.output_tokens"] == 3
+        assert a["gen_ai.response.model"] == "gpt-5-codex" and a["gen_ai.response.finish_reasons"] == ["completed"]
+        assert "Sunny." in a["gen_ai.output.messages"]
