@@ -171,6 +171,9 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self._body_bytes = 0  # bytes received in the current body window
         self._timer: asyncio.TimerHandle | None = None
         self._lingering = False
+        #: since when the connection waits for its next request (loop time; None while a request is on)
+        self._idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -196,6 +199,9 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self._open.pop(self, None)
         super().connection_lost(exc)
 
@@ -232,7 +238,7 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # answered already: read and dropped until the client closes
-        self._unset_keepalive_if_required()
+        self._idle_since = None  # no longer idle: the keep-alive check that comes finds it so
         if self._awaiting_head:
             self._head_bytes += len(data)
         else:
@@ -291,6 +297,35 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, but the keep-alive timeout is not a timer set at each response's end and
+        cancelled by the next request's first bytes (two timer operations a request on a busy
+        connection): the connection notes since when it is idle, and one timer per connection
+        checks that when it fires, closing the connection or firing again when the time is up."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            # a pipelined request was waiting for this one's response
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        since = self._idle_since
+        if since is None:
+            return  # a request is on: its response's end sets the next check
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_check)
+        else:
+            self.timeout_keep_alive_handler()
 
     # -- the limits ----------------------------------------------------------------------------
 

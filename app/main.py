@@ -119,9 +119,15 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> GatewayApp:
     ids = RequestIds()
     max_body = settings.server.max_body_bytes
     dialects = [Dialect(chat.PATH, chat.parse_request), Dialect(completions.PATH, completions.parse_request, COMPLETIONS), embeddings.EmbeddingsDialect(), messages.MessagesDialect()]
-    dialects.append(ResponsesDialect(lambda: app.state.services))
-    app.lanes = {d.path: ModelLane(d, lambda: app.state.services, ids, max_body) for d in dialects}
-    app.lanes[messages.COUNT_TOKENS_PATH] = messages.CountTokensLane(lambda: app.state.services, ids, max_body)
+
+    # what each request is served with: the current generation's services (a plain attribute, not
+    # Starlette's app.state, whose every read is a failed attribute lookup and a dict look-up)
+    def current() -> Services:
+        return gateway.generation.services
+
+    dialects.append(ResponsesDialect(current))
+    app.lanes = {d.path: ModelLane(d, current, ids, max_body) for d in dialects}
+    app.lanes[messages.COUNT_TOKENS_PATH] = messages.CountTokensLane(current, ids, max_body)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body)
     app.add_middleware(RequestIdMiddleware, ids=ids)
     if tracing_enabled(settings):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 #: 5 ms … 120 s: gateway overhead at the low end, slow LLM answers at the high end
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -20,6 +25,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # registered before the collectors it adds to: reading the registry folds it first
+        self.tally = Tally(r, immediate=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
         self.requests = Counter("admiral_requests", "Model requests answered, by endpoint (chat, completions, embeddings, responses, messages).", ["agent", "model", "backend", "status", "cache", "endpoint"], registry=r)
         self.request_duration = Histogram("admiral_request_duration_seconds", "Whole request time as the client saw it.", buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_duration = Histogram("admiral_upstream_duration_seconds", "Time spent in upstream calls.", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
@@ -69,3 +76,68 @@ class Children(Generic[M]):
         if child is None:
             child = self._children[values] = self._metric.labels(*values)
         return child
+
+
+class Tally:
+    """The request path's metric updates, kept as plain numbers and added to the collectors when
+    the registry is read (a scrape, ``get_sample_value``): the values read are exact.
+
+    Each prometheus_client update runs several Python calls and takes a lock; a request's end
+    makes about nine. Here the recorder holds :attr:`lock` once and each update is a dict update
+    (:meth:`add`, :meth:`observe`). With ``PROMETHEUS_MULTIPROC_DIR`` set, ``/metrics`` reads the
+    workers' sample files and never this registry, so the updates go to the collectors at once
+    (``immediate``).
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, immediate: bool = False) -> None:
+        self.immediate = immediate
+        #: held around a batch of :meth:`add` and :meth:`observe` calls (the registry may be read from another thread)
+        self.lock = threading.Lock()
+        self._counts: dict[Counter, float] = {}
+        #: a histogram child -> [the sum of its observations, then one count per bucket]
+        self._observed: dict[Histogram, list[float]] = {}
+        self._bounds: dict[Histogram, tuple[float, ...]] = {}
+        registry.register(self)
+
+    def add(self, counter: Counter, amount: float = 1.0) -> None:
+        """``counter.inc(amount)``, for a counter without labels or a labelled one's child."""
+        if self.immediate:
+            counter.inc(amount)
+            return
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")  # now, as counter.inc would
+        counts = self._counts
+        counts[counter] = counts.get(counter, 0.0) + amount
+
+    def observe(self, histogram: Histogram, value: float) -> None:
+        """``histogram.observe(value)``, for a histogram without labels or a labelled one's child."""
+        if self.immediate:
+            histogram.observe(value)
+            return
+        pending = self._observed.get(histogram)
+        if pending is None:
+            bounds = self._bounds[histogram] = tuple(histogram._upper_bounds)
+            pending = self._observed[histogram] = [0.0] * (len(bounds) + 1)
+        pending[0] += value
+        # the first bucket whose bound is at least the value, as Histogram.observe picks it
+        pending[1 + bisect_left(self._bounds[histogram], value)] += 1
+
+    def fold(self) -> None:
+        """Add what was kept to the collectors."""
+        with self.lock:
+            counts, self._counts = self._counts, {}
+            observed, self._observed = self._observed, {}
+        for counter, amount in counts.items():
+            counter.inc(amount)
+        for histogram, pending in observed.items():
+            histogram._sum.inc(pending[0])
+            for bucket, n in zip(histogram._buckets, pending[1:], strict=True):
+                if n:
+                    bucket.inc(n)
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # no metric of its own (and the registry need not collect it to learn so)
+
+    def collect(self) -> Iterable[Metric]:
+        self.fold()
+        return ()

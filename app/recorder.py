@@ -28,6 +28,7 @@ class RequestRecorder:
 
     def __init__(self, metrics: Metrics, log_sink: LogSink | None = None, log_content: bool = False) -> None:
         self._metrics = metrics
+        self._tally = metrics.tally
         self._requests = Children(metrics.requests)
         self._upstream_duration = Children(metrics.upstream_duration)
         self._ttft = Children(metrics.ttft)
@@ -57,23 +58,29 @@ class RequestRecorder:
         m.inflight.dec()
         elapsed = time.perf_counter() - ctx.started
         backend = ctx.backend or "none"
-        self._requests(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status, ctx.endpoint).inc()
-        m.request_duration.observe(elapsed, {"trace_id": ctx.trace_id} if ctx.trace_id else None)  # an exemplar when traced
-        if ctx.upstream_seconds:
-            self._upstream_duration(backend).observe(ctx.upstream_seconds)
-        if ctx.ttft_seconds is not None:
-            self._ttft(backend).observe(ctx.ttft_seconds)
-        m.overhead.observe(max(0.0, elapsed - ctx.upstream_seconds))
         reported = spent_tokens(True, usage)
         prompt_tokens, completion_tokens = (reported.prompt, reported.completion) if reported else (0, 0)
-        if ctx.paid_upstream:
-            if prompt_tokens:
-                self._tokens(ctx.agent, backend, "prompt").inc(prompt_tokens)
-            if completion_tokens:
-                self._tokens(ctx.agent, backend, "completion").inc(completion_tokens)
         price_usd = reference_usd = 0.0
-        if status < 400 and (prompt_tokens or completion_tokens):
-            price_usd, reference_usd = self._savings(ctx, prompt_tokens, completion_tokens)
+        tally = self._tally
+        with tally.lock:
+            # the request's counts and times, added to the collectors when /metrics is read
+            tally.add(self._requests(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status, ctx.endpoint))
+            if ctx.trace_id:
+                m.request_duration.observe(elapsed, {"trace_id": ctx.trace_id})  # an exemplar: the collector keeps it
+            else:
+                tally.observe(m.request_duration, elapsed)
+            if ctx.upstream_seconds:
+                tally.observe(self._upstream_duration(backend), ctx.upstream_seconds)
+            if ctx.ttft_seconds is not None:
+                tally.observe(self._ttft(backend), ctx.ttft_seconds)
+            tally.observe(m.overhead, max(0.0, elapsed - ctx.upstream_seconds))
+            if ctx.paid_upstream:
+                if prompt_tokens:
+                    tally.add(self._tokens(ctx.agent, backend, "prompt"), prompt_tokens)
+                if completion_tokens:
+                    tally.add(self._tokens(ctx.agent, backend, "completion"), completion_tokens)
+            if status < 400 and (prompt_tokens or completion_tokens):
+                price_usd, reference_usd = self._savings(ctx, prompt_tokens, completion_tokens)
         if self.hit_rate_watch is not None:
             self.hit_rate_watch.observe(ctx.cache_status)
         if self.log_sink is None:
@@ -115,20 +122,21 @@ class RequestRecorder:
         self.log_sink.submit(row)
 
     def _savings(self, ctx: RequestContext, prompt_tokens: int, completion_tokens: int) -> tuple[float, float]:
-        """Count what an answered request cost or saved; (at price, at reference price) for its row."""
+        """Count what an answered request cost or saved; (at price, at reference price) for its row (under the tally's lock)."""
+        tally = self._tally
         paid = ctx.paid_upstream
         if not paid:
             via = "dedupe" if ctx.dedupe_role == "follower" else ("semantic" if ctx.cache_status == "semantic-hit" else "cache")
-            self._avoided_calls(ctx.agent, via).inc()
-            self._avoided_tokens(ctx.agent, via).inc(prompt_tokens + completion_tokens)
+            tally.add(self._avoided_calls(ctx.agent, via))
+            tally.add(self._avoided_tokens(ctx.agent, via), prompt_tokens + completion_tokens)
         if self.prices is None or not self.prices.any:
             return 0.0, 0.0
         price, reference = self.prices.cost(ctx.deployment, ctx.route, prompt_tokens, completion_tokens)
         if paid:
             if price:
-                self._spend(ctx.agent).inc(price)
+                tally.add(self._spend(ctx.agent), price)
         elif price:
-            self._saved(ctx.agent, "price").inc(price)
+            tally.add(self._saved(ctx.agent, "price"), price)
         if reference - (price if paid else 0.0) > 0:
-            self._saved(ctx.agent, "reference").inc(reference - (price if paid else 0.0))
+            tally.add(self._saved(ctx.agent, "reference"), reference - (price if paid else 0.0))
         return price, reference

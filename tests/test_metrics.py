@@ -268,3 +268,33 @@ def test_dashboard_queries_return_data_on_a_real_prometheus(upstream: FakeUpstre
         rules = httpx.get(f"{prom}/api/v1/rules").json()["data"]["groups"]
         assert {rule["name"] for g in rules for rule in g["rules"]} == {"AdmiralCacheDegraded", "AdmiralBackendDown", "AdmiralAllBackendsDown", "AdmiralHighErrorRate", "AdmiralRateLimiting", "AdmiralStateDegraded"}
         assert all(rule["health"] == "ok" for g in rules for rule in g["rules"]), json.dumps(rules)
+
+
+def test_the_tally_folds_into_the_same_samples_as_direct_updates() -> None:
+    """What the recorder keeps in plain numbers reads, once the registry is read, as the updates made one by one."""
+    from prometheus_client import generate_latest
+
+    from app.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, Metrics
+
+    values = [0.0, 0.0001, *LATENCY_BUCKETS, *OVERHEAD_BUCKETS, 0.0123, 119.9, 500.0]
+    direct, tallied = Metrics(), Metrics()
+    for v in values:
+        direct.request_duration.observe(v)
+        direct.upstream_duration.labels("b1").observe(v)
+        direct.overhead.observe(v)
+        direct.requests.labels("a", "m", "b1", "200", "hit", "chat").inc()
+        direct.tokens.labels("a", "b1", "prompt").inc(7)
+        with tallied.tally.lock:
+            tallied.tally.observe(tallied.request_duration, v)
+            tallied.tally.observe(tallied.upstream_duration.labels("b1"), v)
+            tallied.tally.observe(tallied.overhead, v)
+            tallied.tally.add(tallied.requests.labels("a", "m", "b1", "200", "hit", "chat"))
+            tallied.tally.add(tallied.tokens.labels("a", "b1", "prompt"), 7)
+
+    def lines(metrics: Metrics) -> list[str]:
+        return [line for line in generate_latest(metrics.registry).decode().splitlines() if "_created" not in line]
+
+    assert lines(tallied) == lines(direct)
+    assert tallied.registry.get_sample_value("admiral_requests_total", {"agent": "a", "model": "m", "backend": "b1", "status": "200", "cache": "hit", "endpoint": "chat"}) == len(values)
+    with pytest.raises(ValueError):
+        tallied.tally.add(tallied.cache_hits, -1)  # refused at once, as Counter.inc refuses it

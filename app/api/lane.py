@@ -23,6 +23,7 @@ from app.api.disconnect import DisconnectWatcher
 from app.api.errors import error_response, method_not_allowed
 from app.api.middleware import RequestIds, declared_too_large, too_large
 from app.api.sse import OpenAIEvents, SSEResponse, StreamWriter
+from app.api.transport import send_complete
 from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
 from app.pipeline.answer import Answer
 from app.pipeline.base import CHAT, ModelRequest, RequestContext
@@ -155,7 +156,7 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes:
 
 
 class JSONBytes:
-    """A 200 with an already-encoded JSON body: two ASGI messages, then the answer's bookkeeping."""
+    """A 200 with an already-encoded JSON body, written in one go (:func:`send_complete`), then the answer's bookkeeping."""
 
     __slots__ = ("_answer", "body", "raw_headers")
 
@@ -166,8 +167,7 @@ class JSONBytes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await send({"type": "http.response.body", "body": self.body})
+            await send_complete(send, 200, self.raw_headers, self.body)
         finally:
             self._answer.sent()
 

@@ -92,7 +92,7 @@ class SharedAnswers(Protocol):
 class Flight:
     """One shared upstream call and everything it has produced so far."""
 
-    def __init__(self, key: str, ctx: RequestContext, forget: Callable[[Flight], None]) -> None:
+    def __init__(self, key: str, ctx: RequestContext, forget: Callable[[Flight], None], loop: asyncio.AbstractEventLoop) -> None:
         self.key = key
         self.ctx = ctx
         self.body: ChatCompletion | None = None
@@ -103,8 +103,8 @@ class Flight:
         self.waiters = 0
         self.followers = 0
         self._forget = forget
-        # read once (asyncio.get_running_loop() is a system call: see Services.loop)
-        self._loop = asyncio.get_running_loop()
+        # the registry's, read once for all its flights (asyncio.get_running_loop() is a system call: see Services.loop)
+        self._loop = loop
         #: one future per waiting waiter, resolved at the next change
         self._waiting: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] | None = None
@@ -240,6 +240,8 @@ class LocalInflight:
         self._flights: dict[str, Flight] = {}
         # the loop keeps only weak references to tasks: a cancelled flight must still finish closing
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the loop the flights run on, read at the first join (the registry may be built before the loop runs)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -252,7 +254,10 @@ class LocalInflight:
         flight = self._flights.get(key)
         if flight is not None:
             return LocalTicket(flight, leader=False)
-        flight = Flight(key, ctx, self._forget)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        flight = Flight(key, ctx, self._forget, loop)
         self._flights[key] = flight
         ticket = LocalTicket(flight, leader=True)
         flight.start(call)
