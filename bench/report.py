@@ -1,4 +1,4 @@
-"""The targets from issue 8, the ratios of one run against them, and the results file."""
+"""The targets (issues 8, 15 and 21), the ratios of one run against them, and the results file."""
 
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ class Target:
 
 
 TARGETS = (
-    Target("cache misses: gateway / passthrough throughput", "gateway_rps", "passthrough_rps", 0.65, True),
+    # issue 15 raised issue 8's bounds on misses (0.65) and hits (0.8) to what was reached then
+    Target("cache misses: gateway / passthrough throughput", "gateway_rps", "passthrough_rps", 0.75, True),
     Target("c=1 p50: gateway / passthrough latency", "gateway_c1_p50_ms", "passthrough_c1_p50_ms", 1.5, False),
-    Target("cache hits: gateway hits / constant throughput", "gateway_hits_rps", "constant_rps", 0.8, True),
+    Target("cache hits: gateway hits / constant throughput", "gateway_hits_rps", "constant_rps", 0.9, True),
     Target("streams: gateway / passthrough chunks relayed", "stream_gateway_chunks_per_s", "stream_passthrough_chunks_per_s", 0.7, True),
     # RSS growth is last / first - 1 < 10 %, i.e. last / first < 1.10
     Target("RSS: after last mark / after first mark", "rss_last_mb", "rss_first_mb", 1.10, False),
