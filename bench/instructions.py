@@ -1,6 +1,6 @@
 """Instructions per request under callgrind: a repeatable figure for A/B changes on a noisy machine.
 
-``python bench/instructions.py [--requests 1000] [--hits] [--stream] [--tree PATH ...] [--passthrough] [--constant]``
+``python bench/instructions.py [--requests 1000] [--hits] [--stream] [--shared] [--tree PATH ...] [--passthrough] [--constant]``
 
 Wall-clock figures on a shared VM drift by ±20 % from one minute to the next; valgrind's
 callgrind counts the instructions a process runs instead, within about 1 % for the same code and
@@ -10,22 +10,27 @@ under ``valgrind --tool=callgrind`` with counting off, warms it up with 300 requ
 and prints instructions per request. Each ``--tree`` is a checkout of this repository (run with
 ``PYTHONPATH=tree``), so two versions can be compared in one go; without one, the installed
 gateway. What it cannot see: time in the kernel (system calls, page faults, context switches)
-and waiting, so a change that saves those shows in ``run.py``, not here. Needs valgrind
+and waiting, so a change that saves those shows in ``run.py``, not here. ``--shared`` runs each
+gateway on Redis + PostgreSQL as ``run.py --shared`` does (both emptied before each), and counts
+the gateway's instructions only, not Redis's or PostgreSQL's. Needs valgrind
 (``apt-get install valgrind``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import servers
+import shared
 import tools
 from load import Workload, wrk
 from procs import Server, free_port
@@ -43,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--passthrough", action="store_true", help="also measure the FastAPI + aiohttp passthrough")
     parser.add_argument("--constant", action="store_true", help="also measure the FastAPI endpoint returning a constant (the cache hits' baseline)")
     parser.add_argument("--stream", action="store_true", help="streamed requests (the stream workload's 40 chunks) instead of plain ones")
+    parser.add_argument("--shared", action="store_true", help="the gateways on Redis + PostgreSQL (as run.py --shared starts them)")
     return parser.parse_args(argv)
 
 
@@ -78,25 +84,28 @@ def per_request(server: Server, out: Path, work: Workload, requests: int, cpus: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan, workdir = tools.measuring_setup("valgrind", "valgrind", "admiral-instructions-")
-    kind = ("streamed " if args.stream else "") + ("cache hits" if args.hits else "cache misses")
+    kind = ("streamed " if args.stream else "") + ("cache hits" if args.hits else "cache misses") + (", shared mode" if args.shared else "")
     print(f"bench: instructions per request, {kind}, {args.requests} requests at c={CONNECTIONS} after {WARMUP_REQUESTS} unmeasured", flush=True)
     with nginx_server(workdir, free_port(), plan.load) as upstream:
-        runs: list[tuple[str, Server, Workload]] = []
+        # servers made just before each runs: a shared gateway empties Redis and PostgreSQL, which
+        # the previous one must not have filled for it (its hits would come from another tier)
+        runs: list[tuple[str, Callable[[], Server], Workload]] = []
         if args.passthrough:
             work = Workload("bench-stream", not args.hits, stream=True, path=STREAM_PATH) if args.stream else Workload("bench", not args.hits)
-            runs.append(("passthrough", servers.passthrough(workdir, upstream.port, plan.server), work))
+            runs.append(("passthrough", lambda: servers.passthrough(workdir, upstream.port, plan.server), work))
         if args.constant:
-            runs.append(("constant endpoint", servers.constant(workdir, plan.server), Workload("bench", unique=False)))
+            runs.append(("constant endpoint", lambda: servers.constant(workdir, plan.server), Workload("bench", unique=False)))
         trees = args.tree or [None]
+        start = shared.gateway if args.shared else servers.gateway
         for i, tree in enumerate(trees):
             command = tools.tree_command(workdir, tree, f"tree-{i}") if tree is not None else tools.gateway_command()
             if command is None:
                 sys.exit("bench: admiral-optimizer is not installed (pip install -e .) and no --tree was given")
-            server = servers.gateway(command, workdir, upstream.port, plan.server, name=f"gateway-{i}")
             work = Workload("bench-stream" if args.stream else "bench", not args.hits, servers.GATEWAY_KEY, stream=args.stream)
-            runs.append((str(tree or "gateway (installed)"), server, work))
-        for i, (label, server, work) in enumerate(runs):
-            count = per_request(under_callgrind(server, workdir / f"callgrind-{i}.out"), workdir / f"callgrind-{i}.out", work, args.requests, plan.load)
+            runs.append((str(tree or "gateway (installed)"), functools.partial(start, command, workdir, upstream.port, plan.server, name=f"gateway-{i}"), work))
+        for i, (label, make, work) in enumerate(runs):
+            out = workdir / f"callgrind-{i}.out"
+            count = per_request(under_callgrind(make(), out), out, work, args.requests, plan.load)
             print(f"  {label:<60} {count / 1e6:8.3f} M instructions per request", flush=True)
     return 0
 

@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.state.redis_link import RedisLink
+from app.state.redis_link import RedisLink, _buffered
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
@@ -80,3 +80,40 @@ async def test_a_connection_closed_while_idle_is_replaced_and_a_broken_one_fails
     finally:
         await link.aclose()
         await proxy.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_commands_of_one_event_loop_turn_go_in_one_write() -> None:
+    link = RedisLink(REDIS_URL, timeout_s=2.0)
+    prefix = f"test-link:{secrets.token_hex(4)}:"
+    try:
+        assert await link.call("PING") == b"PONG"  # connected
+        conn = link._conn
+        assert conn is not None and conn._writer is not None
+        assert _buffered(conn) is not None  # replies after a read's first come from hiredis's buffer
+        transport = conn._writer.transport
+        writes: list[bytes] = []
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        transport.write = counted  # type: ignore[method-assign]
+        # 100 calls made in one turn (each reaches its first await before the next starts)
+        values = await asyncio.gather(*(link.call("SET", f"{prefix}{i}", f"v{i}", "PX", 10_000, "GET") for i in range(100)))
+        assert values == [None] * 100
+        assert len(writes) == 1
+        assert writes[0].count(b"\r\nSET\r\n") == 100
+        # a later turn's calls go in a write of their own, replies still to their own callers; an
+        # error reply among them (read with the others, from the parser's buffer) fails its call only
+        first, failing, last = (
+            asyncio.ensure_future(link.call(*command)) for command in (("GET", f"{prefix}7"), ("INCR", f"{prefix}7"), ("GET", f"{prefix}8"))
+        )
+        assert await first == b"v7"
+        with pytest.raises(ResponseError):
+            await failing
+        assert await last == b"v8"
+        assert len(writes) == 2
+    finally:
+        await link.aclose()

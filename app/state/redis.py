@@ -133,6 +133,9 @@ return used
 """
 
 
+#: an admission with no daily window to report (the script's reply {0, '0'}), or of nothing
+_ADMITTED = Admission(-1, 0.0, ())
+
 #: how long a settlement (``adjust_rate``) waits for an admission to go with before it is sent alone
 ADJUST_DELAY_S = 0.05
 
@@ -257,19 +260,26 @@ class RedisStateStore:
     async def admit(self, rates: Sequence[RateTake], quotas: Sequence[QuotaTake]) -> Admission:
         settlements, self._settlements = self._settlements, []
         if not (settlements or rates or quotas):
-            return Admission(-1, 0.0, ())
-
-        async def remote() -> Admission:
-            keys = [self._prefix + "gcra:" + t.key for t in (*settlements, *rates)] + [self._prefix + "quota:" + q.key for q in quotas]
+            return _ADMITTED
+        fallback = self._fallback
+        if fallback is None:
+            # every request's path: written out, not through _call's closures
+            prefix = self._prefix
+            takes = (*settlements, *rates) if settlements else rates
+            keys = [prefix + "gcra:" + t.key for t in takes]
             args: list[float | int] = [len(settlements), len(rates), len(quotas)]
-            for t in (*settlements, *rates):
+            for t in takes:
                 args += (t.limit, t.period_s, t.cost)
             for q in quotas:
+                keys.append(prefix + "quota:" + q.key)
                 args += (q.limit, q.cost, _ms(q.ttl_s))
-            refused, wait, *used = await self._link.evalsha(self._admit, keys, args)
-            return Admission(int(refused) - 1, float(wait), tuple(int(u) for u in used))
-
-        return await self._call(remote, lambda m: m.admit(rates, quotas))
+            try:
+                refused, wait, *used = await self._link.evalsha(self._admit, keys, args)
+            except OUTAGE_ERRORS as exc:
+                fallback = self._degrade(exc)
+            else:
+                return _ADMITTED if refused == 0 and not used else Admission(int(refused) - 1, float(wait), tuple([int(u) for u in used]))
+        return await fallback.admit(rates, quotas)
 
     async def give_quota(self, key: str, delta: int, ttl_s: float) -> int:
         async def remote() -> int:

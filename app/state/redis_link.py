@@ -4,9 +4,11 @@ redis-py's client takes a connection from its pool for each call (a condition, a
 timeout context), sends the command in a task of its own (``asyncio.wait_for`` around the write,
 when the client has a socket timeout), reads the reply under another timeout and gives the
 connection back; on CPython 3.11 each ``get_running_loop`` behind that is a ``getpid`` system call.
-:class:`RedisLink` keeps one connection: a call packs its command, writes it at once and waits for
-its own reply; one reader task reads replies in the order the commands went and hands each to its
-caller, so the commands of concurrent requests share the connection (Redis pipelining). Commands
+:class:`RedisLink` keeps one connection: a call packs its command and waits for its own reply; the
+commands of one event-loop turn (the requests that arrived together) are written in one piece at
+its end, so they cost one system call and wake Redis once, not once each; one reader task reads
+replies in the order the commands went and hands each to its caller, so the commands of
+concurrent requests share the connection (Redis pipelining). Commands
 are packed by hiredis in one C call (redis-py's packer encodes each argument in Python first; the
 bytes are the same) and replies parsed by it (redis-py's hiredis parser, used when installed).
 
@@ -28,6 +30,7 @@ import contextlib
 import hashlib
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -38,6 +41,20 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["RedisLink"]
+
+try:  # what redis-py's hiredis reader returns for a reply not read whole yet
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+except ImportError:  # laid out otherwise: replies are read one by one (see _buffered)
+    NOT_ENOUGH_DATA = None
+
+
+def _buffered(conn: Connection) -> Callable[[], Any] | None:
+    """The next reply already read from ``conn`` (``NOT_ENOUGH_DATA`` when there is none), taken
+    from redis-py's hiredis reader; None when the connection parses some other way (redis-py
+    without hiredis, or a version laid out differently): every reply is then read by
+    ``read_response``."""
+    reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    return reader.gets if NOT_ENOUGH_DATA is not None and isinstance(reader, hiredis.Reader) else None
 
 
 class RedisLink:
@@ -51,6 +68,9 @@ class RedisLink:
         self._conn: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
         self._waiting: deque[asyncio.Future[Any]] = deque()
+        #: the packed commands of this event-loop turn, written together by ``_send`` at its end
+        self._out: list[bytes] = []
+        self._send_soon: asyncio.Handle | None = None
         self._reader: asyncio.Task[None] | None = None
         self._scripts: dict[str, bytes] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,18 +88,33 @@ class RedisLink:
         loop = self._loop
         assert loop is not None  # set by the connect
         reply: asyncio.Future[Any] = loop.create_future()
+        # no await between the two appends: the commands go in the order of the futures
         self._waiting.append(reply)
-        try:
-            # a connected connection writes before its first await: replies come in the order of the futures
-            await conn.send_packed_command([hiredis.pack_command(args)], check_health=False)
-        except (OSError, RedisConnectionError, RedisTimeoutError) as exc:
-            self._broken(conn, exc)  # fails ``reply`` with the others
-        else:
-            if self._reader is None:
-                self._reader = loop.create_task(self._read(conn), name="admiral-redis-link")
-                if self._watchdog is None:
-                    self._watch_from(conn)
+        self._out.append(hiredis.pack_command(args))
+        if self._send_soon is None:
+            self._send_soon = loop.call_soon(self._send, conn)
+        if self._reader is None:
+            self._reader = loop.create_task(self._read(conn), name="admiral-redis-link")
+            if self._watchdog is None:
+                self._watch_from(conn)
         return await reply
+
+    def _send(self, conn: Connection) -> None:
+        """Write the commands of this event-loop turn in one piece (one system call, one read for Redis)."""
+        self._send_soon = None
+        out, self._out = self._out, []
+        if self._conn is not conn or not out:
+            return
+        # redis-py's own write (``send_packed_command``) is a coroutine that also awaits drain();
+        # a call never waited for that (the watchdog fails a Redis that stops reading)
+        writer = conn._writer
+        if writer is None or writer.transport.is_closing():
+            self._broken(conn, RedisConnectionError("Redis closed the connection before a write"))
+            return
+        try:
+            writer.write(out[0] if len(out) == 1 else b"".join(out))
+        except (OSError, RuntimeError) as exc:
+            self._broken(conn, exc)
 
     def script(self, source: str) -> str:
         """Register a Lua script; returns its SHA1, for :meth:`evalsha`."""
@@ -139,20 +174,22 @@ class RedisLink:
         return True
 
     async def _read(self, conn: Connection) -> None:
+        buffered = _buffered(conn)
         try:
             while self._waiting and self._conn is conn:
                 try:
                     value: Any = await conn.read_response(timeout=math.inf)  # the watchdog times replies out
                 except ResponseError as exc:  # an error reply: the connection goes on
                     value = exc
-                self._replies += 1
-                reply = self._waiting.popleft()
-                if reply.done():  # its caller was cancelled
+                self._hand(value)
+                if buffered is None:
                     continue
-                if isinstance(value, ResponseError):
-                    reply.set_exception(value)
-                else:
-                    reply.set_result(value)
+                # the other replies of the same read (a turn's commands are answered together), parsed
+                # already: handed out without read_response's coroutines and timeout bookkeeping each
+                while self._waiting and (value := buffered()) is not NOT_ENOUGH_DATA:
+                    if isinstance(value, RedisConnectionError):  # as read_response raises it
+                        raise value
+                    self._hand(value)
         except BaseException as exc:
             self._broken(conn, exc)
             if not isinstance(exc, Exception):
@@ -160,6 +197,17 @@ class RedisLink:
         finally:
             if self._conn is conn:  # else _broken let go of this reader (a new connection may have its own)
                 self._reader = None
+
+    def _hand(self, value: Any) -> None:
+        """Give the oldest waiting call its reply (an error reply fails that call only)."""
+        self._replies += 1
+        reply = self._waiting.popleft()
+        if reply.done():  # its caller was cancelled
+            return
+        if isinstance(value, ResponseError):
+            reply.set_exception(value)
+        else:
+            reply.set_result(value)
 
     def _watch_from(self, conn: Connection) -> None:
         """Check in ``timeout_s`` that a reply came meanwhile (one timer, not one a call)."""
@@ -181,6 +229,10 @@ class RedisLink:
             return
         self._conn = None
         self._reader = None
+        self._out = []
+        if self._send_soon is not None:
+            self._send_soon.cancel()
+            self._send_soon = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
