@@ -5,7 +5,10 @@ behaviours ``ok``, ``status:CODE``, ``429[:S]``, ``hang`` and ``cut`` (the strea
 first delta, the socket closed) apply. The answer echoes the last user input, ``"echo: <text>"``,
 as a ``response`` object or, with ``stream: true``, as the event sequence OpenAI sends (``event:``
 and ``data:`` lines, numbered). ``up.responses_answers = {model: response}`` answers a request for
-that model with the given response object instead (streamed as its items' events).
+that model with the given response object instead (streamed as its items' events);
+``up.responses_failures = {model: error}`` fails it with ``error`` (``{"code", "message"}``): a
+plain request gets a ``failed`` response, a stream an ``error`` event after its first delta (a
+``response.failed`` event when the error's code is ``"response.failed"``).
 """
 
 from __future__ import annotations
@@ -113,12 +116,25 @@ async def answer_responses(fake: Any, request: web.Request) -> web.StreamRespons
         await asyncio.Event().wait()
     scripted = getattr(fake, "responses_answers", {}).get(body.get("model"))
     response = dict(scripted) if scripted is not None else echo_response(body, rid)
+    failure = getattr(fake, "responses_failures", {}).get(body.get("model"))
+    if failure is not None and not body.get("stream"):
+        return web.json_response({**response, "status": "failed", "error": failure, "output": []})
     if not body.get("stream"):
         return web.json_response(response)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     for event in events_of(response):
-        await resp.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        line = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+        if failure is not None and event["type"].endswith(".delta"):
+            # in the same write: the gateway reads the delta and the failure together
+            seq = event["sequence_number"] + 1
+            error = {"type": "error", **failure, "param": None, "sequence_number": seq}
+            if failure.get("code") == "response.failed":
+                # told the other way OpenAI tells it: the response, failed
+                error = {"type": "response.failed", "response": {**response, "status": "failed", "error": failure}, "sequence_number": seq}
+            await resp.write((line + f"event: {error['type']}\ndata: {json.dumps(error)}\n\n").encode())
+            break
+        await resp.write(line.encode())
         if behaviour.name == "cut" and event["type"].endswith(".delta"):
             if request.transport is not None:
                 request.transport.close()

@@ -1000,6 +1000,10 @@ def test_native_tool_calls_and_reasoning(upstream: FakeUpstream) -> None:
             sdk.responses.create(model="native", input=outputs, previous_response_id=response.id, tools=tools)
             # the provider's own items (its reasoning among them) go back to it as it sent them
             assert responses_requests(upstream)[-1]["input"][-3:] == [*NATIVE_CALL["output"], outputs[0]]
+            # a chat client is told the usage's details in chat's words
+            chat = sdk.chat.completions.create(model="native", messages=[{"role": "user", "content": unique("weather?")}])
+            assert chat.usage is not None and chat.usage.prompt_tokens_details is not None and chat.usage.completion_tokens_details is not None
+            assert (chat.usage.prompt_tokens_details.cached_tokens, chat.usage.completion_tokens_details.reasoning_tokens) == (10, 4)
     finally:
         upstream.responses_answers = {}  # type: ignore[attr-defined]
 

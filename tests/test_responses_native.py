@@ -44,7 +44,7 @@ retry: {{attempts: 1}}
 
 #: a provider's answer with what chat cannot say: a built-in tool's call, encrypted reasoning,
 #: a citation, a field of the provider's own
-RICH = {
+RICH: dict[str, Any] = {
     "id": "resp_provider_rich",
     "object": "response",
     "created_at": 1755000000,
@@ -146,6 +146,9 @@ def test_built_in_tools_and_encrypted_reasoning_reach_the_provider_unchanged(gw:
     [forwarded] = sent(upstream)
     assert forwarded == {**body, "model": "gpt-native", "store": False}
     assert upstream.chat_requests == []
+    # a plain request says nothing of streaming: stream_options is refused without stream: true
+    assert post(gw, {**body, "input": unique(), "stream": False, "stream_options": {"include_obfuscation": False}}).status_code == 200
+    assert "stream" not in sent(upstream)[-1] and "stream_options" not in sent(upstream)[-1]
 
 
 def test_the_providers_items_and_fields_reach_the_client_plain_and_streamed(gw: GatewayServer, upstream: FakeUpstream) -> None:
@@ -305,11 +308,15 @@ def test_previous_response_id_across_a_forward(gw: GatewayServer, upstream: Fake
 def test_the_request_log_counts_a_forwarded_answers_tokens(upstream: FakeUpstream, tmp_path: Any) -> None:
     with gateway(config(upstream) + f'database: {{url: "sqlite+aiosqlite:///{tmp_path}/log.db", log_content: true}}\n') as server:
         client(server).responses.create(model="rich", input=unique("logged"), tools=WEB_SEARCH)
-        list(client(server).responses.create(model="rich", input=unique("logged streamed"), tools=WEB_SEARCH, stream=True))
+        streamed = unique("logged streamed")
+        for _ in range(2):
+            list(client(server).responses.create(model="rich", input=streamed, tools=WEB_SEARCH, stream=True))
         server.call(server.services.log_writer.close())  # type: ignore[union-attr]
         rows = server.call(_log_rows(server))
-    # the provider's usage, told in chat's words (input 20, output 9), and its text
-    assert [(r.endpoint, r.backend, r.prompt_tokens, r.completion_tokens, r.completion) for r in rows] == [("responses", "nat", 20, 9, "It is cold in Oslo.")] * 2
+    # the provider's usage, told in chat's words (input 20, output 9), and its text; a stream's hit
+    # has the usage its events carry
+    said = [(r.endpoint, r.backend, r.prompt_tokens, r.completion_tokens, r.completion) for r in rows]
+    assert said == [("responses", "nat", 20, 9, "It is cold in Oslo.")] * 3 and [r.cache for r in rows] == ["miss", "miss", "hit"]
 
 
 async def _log_rows(server: GatewayServer) -> list[Any]:
@@ -319,3 +326,103 @@ async def _log_rows(server: GatewayServer) -> list[Any]:
 
     async with server.services.db.connect() as conn:
         return list(await conn.execute(select(RequestLog.__table__).order_by(RequestLog.__table__.c.id)))
+
+
+def test_an_item_reference_to_a_stored_item_is_sent_as_that_item(gw: GatewayServer, upstream: FakeUpstream) -> None:
+    # the provider is sent store: false and keeps nothing a reference could name: the gateway resolves
+    # a reference to an item of the conversation it continues, and passes any other one on as it came
+    sdk = client(gw)
+    first = sdk.responses.create(model="rich", input=unique("weather?"), tools=WEB_SEARCH)
+    refs: Any = [{"type": "item_reference", "id": "rs_1"}, {"type": "item_reference", "id": "msg_elsewhere"}, {"role": "user", "content": "again"}]
+    second = sdk.responses.create(model="native", input=refs, previous_response_id=first.id)
+    reasoning = RICH["output"][1]
+    assert sent(upstream)[-1]["input"][-3:] == [reasoning, refs[1], refs[2]]
+    # and the conversation kept holds the item, so a continuation sends it again as it was
+    sdk.responses.create(model="native", input="thanks", previous_response_id=second.id)
+    assert sent(upstream)[-1]["input"][1:7] == [*RICH["output"], reasoning, *refs[1:]]
+
+
+def test_a_provider_failing_midway_ends_the_stream_with_its_error(upstream: FakeUpstream) -> None:
+    # a gateway of its own, whose circuit stays closed through these failures
+    with gateway(config(upstream) + "circuit_breaker: {failure_threshold: 100}\n") as gw:
+        failing_midway(gw, upstream)
+
+
+def failing_midway(gw: GatewayServer, upstream: FakeUpstream) -> None:
+    upstream.responses_failures = {"gpt-native": {"code": "server_error", "message": "The model crashed."}}  # type: ignore[attr-defined]
+    try:
+        body = {"model": "native", "input": unique("fail midway"), "stream": True}
+        events = sse(post(gw, body))
+        kinds = [e["type"] for e in events]
+        # the provider's events up to its error, then the error as it said it and the failed response, numbered on
+        assert kinds[-4:] == ["response.content_part.added", "response.output_text.delta", "error", "response.failed"]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        error, failed = events[-2], events[-1]
+        assert error["code"] == "server_error" and "The model crashed." in error["message"]
+        rid = events[0]["response"]["id"]
+        # the failed response is the one the provider began (its model), as the gateway tells it
+        assert failed["response"]["id"] == rid and failed["response"]["status"] == "failed" and failed["response"]["model"] == "gpt-native"
+        assert failed["response"]["error"] == {"code": "server_error", "message": error["message"]}
+        # neither kept nor cached: the id is unknown, the same request asks the provider again
+        assert httpx.get(f"{gw.base_url}/responses/{rid}", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+        sse(post(gw, body))
+        assert upstream.calls == 2
+        # the SDK sees the failure
+        kinds = [e.type for e in client(gw).responses.create(model="native", input=unique("fail midway"), stream=True)]
+        assert kinds[-2:] == ["error", "response.failed"]
+        # plain: a failed response is the provider's failure, not an answer
+        plain = post(gw, {"model": "native", "input": unique("fail plain")})
+        assert plain.status_code == 502 and "The model crashed." in plain.json()["error"]["message"]
+        # a provider's response.failed event is its failure too, told the same way
+        upstream.responses_failures = {"gpt-native": {"code": "response.failed", "message": "The model crashed."}}  # type: ignore[attr-defined]
+        events = sse(post(gw, {"model": "native", "input": unique("failed event"), "stream": True}))
+        assert [e["type"] for e in events][-3:] == ["response.output_text.delta", "error", "response.failed"]
+        assert "The model crashed." in events[-1]["response"]["error"]["message"]
+    finally:
+        upstream.responses_failures = {}  # type: ignore[attr-defined]
+    # a stream cut midway ends the same way
+    upstream.behaviour = "cut"
+    events = sse(post(gw, {"model": "native", "input": unique("cut"), "stream": True}))
+    assert [e["type"] for e in events][-3:] == ["response.output_text.delta", "error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_the_providers_refusals_reach_the_client_in_its_words(upstream: FakeUpstream) -> None:
+    with gateway(config(upstream)) as gw:
+        refusals(gw, upstream)
+
+
+def refusals(gw: GatewayServer, upstream: FakeUpstream) -> None:
+    sdk = client(gw)
+    upstream.behaviour = "status:404"
+    with pytest.raises(openai.NotFoundError) as refused:
+        sdk.responses.create(model="native", input=unique())
+    assert refused.value.status_code == 404 and refused.value.body["type"] == "not_found_error"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.create(model="native", input=unique(), stream=True)
+    upstream.behaviour = "429:7"
+    r = post(gw, {"model": "native", "input": unique()})
+    assert r.status_code == 429 and r.headers["retry-after"] == "7" and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_streamed_forward_is_kept_and_continued(gw: GatewayServer, upstream: FakeUpstream) -> None:
+    sdk = client(gw)
+    prompt = unique("weather?")
+    with sdk.responses.stream(model="rich", input=prompt, tools=WEB_SEARCH) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_response()
+    assert sdk.responses.retrieve(final.id).model_dump(exclude_unset=True) == providers_own(RICH, final.id)
+    sdk.responses.create(model="native", input="and tomorrow?", previous_response_id=final.id)
+    assert sent(upstream)[-1]["input"] == [{"role": "user", "content": prompt}, *RICH["output"], {"role": "user", "content": "and tomorrow?"}]
+
+
+def test_an_incomplete_response_cached_is_streamed_as_incomplete(gw: GatewayServer, upstream: FakeUpstream) -> None:
+    cut = {**RICH, "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+    upstream.responses_answers = {"gpt-rich": cut}  # type: ignore[attr-defined]
+    request = {"model": "rich", "input": unique("long"), "max_output_tokens": 16}
+    assert post(gw, request).json()["status"] == "incomplete"
+    hit = post(gw, {**request, "stream": True})
+    assert hit.headers["x-admiral-cache"] == "hit" and upstream.calls == 1
+    last = sse(hit)[-1]
+    assert last["type"] == "response.incomplete" and last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}

@@ -23,7 +23,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from app.api.lane import Dialect
-from app.api.responses_input import ResponsesRequest, as_items, chat_body, estimate_body, forward_body, given_items, parse_responses_body
+from app.api.responses_input import ResponsesRequest, as_items, chat_body, estimate_body, forward_body, given_items, parse_responses_body, resolved
 from app.api.responses_output import (
     EitherEvents,
     RelayedEvents,
@@ -98,7 +98,7 @@ class ResponsesDialect(Dialect):
                 raise  # no provider here could take it as it is
             refusal = exc
             chat, conversation = estimate_body(body, history)
-        items = [*(history_items or ()), *given_items(body.get("input"))]
+        items = [*(history_items or ()), *resolved(given_items(body.get("input")), history_items or [])]
         # raw stays empty: the cache key is computed from the translated body, never remembered by the Responses bytes
         return ResponsesCall(
             chat,

@@ -388,8 +388,18 @@ def forward_body(body: dict[str, Any], history: list[Any] | None) -> dict[str, A
     gateway's and stands for ``history`` (the items of the stored conversation) before the input."""
     forward = {k: v for k, v in body.items() if k != "previous_response_id"}
     if history is not None:
-        forward["input"] = [*history, *given_items(body.get("input"))]
+        forward["input"] = [*history, *resolved(given_items(body.get("input")), history)]
     return forward
+
+
+def resolved(items: list[Any], history: list[Any]) -> list[Any]:
+    """``items`` with each ``item_reference`` to an item of ``history`` replaced by that item: the
+    provider is sent ``store: false`` and keeps no item a reference could name, the gateway does.
+    A reference to an item ``history`` lacks goes on as it came (the provider answers for it)."""
+    if not any(isinstance(i, dict) and i.get("type") == "item_reference" for i in items):
+        return items
+    known = {i["id"]: i for i in history if isinstance(i, dict) and isinstance(i.get("id"), str)}
+    return [known.get(i.get("id"), i) if isinstance(i, dict) and i.get("type") == "item_reference" else i for i in items]
 
 
 def estimate_body(body: dict[str, Any], history: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

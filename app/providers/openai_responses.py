@@ -134,8 +134,12 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
         return event
 
     def _failed(self, error: Any) -> UpstreamError:
+        """The provider's failure (an ``error`` event, a failed response's ``error``), with its code:
+        a stream failed midway ends in an ``error`` event that should say what the provider said."""
         detail = str(error.get("message") or "") if isinstance(error, dict) else ""
-        return UpstreamError(f"{self.name} failed the response" + (f": {self._clean(detail)[:500]}" if detail else ""), backend=self.name)
+        code = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), str) else None
+        message = f"{self.name} failed the response" + (f": {self._clean(detail)[:500]}" if detail else "")
+        return UpstreamError(message, backend=self.name, code=code[:100] if code else None)
 
     # -- chat request -> Responses request -----------------------------------------------------
 
