@@ -214,11 +214,9 @@ def is_response_event(chunk: Any) -> bool:
     return isinstance(chunk, dict) and "choices" not in chunk and isinstance(chunk.get("type"), str)
 
 
-class RelayedEvents:
-    """A provider's Responses events, relayed as it sent them (``event:`` and ``data:`` lines, its
-    own sequence numbers): each event unchanged, but a whole response in one, which is told as the
-    gateway's (:func:`as_gateways`). A failure midway ends with ``error`` and ``response.failed``,
-    numbered on."""
+class _EventsOut:
+    """What the two Responses event writers share: the response they tell (its request, id and
+    creation time), the hook its end calls, and the events' numbering."""
 
     def __init__(self, origin: dict[str, Any], rid: str, created_at: int, finished: Finished | None = None) -> None:
         self._origin = origin
@@ -226,6 +224,21 @@ class RelayedEvents:
         self._created_at = created_at
         self._finished = finished
         self._seq = 0
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, **fields, "sequence_number": self._seq}
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class RelayedEvents(_EventsOut):
+    """A provider's Responses events, relayed as it sent them (``event:`` and ``data:`` lines, its
+    own sequence numbers): each event unchanged, but a whole response in one, which is told as the
+    gateway's (:func:`as_gateways`). A failure midway ends with ``error`` and ``response.failed``,
+    numbered on."""
+
+    def __init__(self, origin: dict[str, Any], rid: str, created_at: int, finished: Finished | None = None) -> None:
+        super().__init__(origin, rid, created_at, finished)
         #: the response as the events have told it so far, and as it ended
         self._response: dict[str, Any] | None = None
         self._final: dict[str, Any] | None = None
@@ -265,11 +278,6 @@ class RelayedEvents:
         failed = self._event("response.failed", response={**shell, "status": "failed", "error": {"code": code, "message": exc.message}})
         return error + failed
 
-    def _event(self, kind: str, **fields: Any) -> bytes:
-        data = {"type": kind, **fields, "sequence_number": self._seq}
-        self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
 
 class EitherEvents:
     """The Responses event stream of an answer that is either a provider's Responses events (a
@@ -299,18 +307,14 @@ class EitherEvents:
         return (self._writer or self._translated).failed(exc)
 
 
-class ResponsesEvents:
+class ResponsesEvents(_EventsOut):
     """Writes chat chunks as the Responses API's server-sent events (``event:`` and ``data:`` lines,
     every event numbered by ``sequence_number``), from ``response.created`` to ``response.completed``
     (``response.incomplete`` when the answer was cut by its token limit or a content filter); a
     failure midway ends with an ``error`` event and ``response.failed``."""
 
     def __init__(self, origin: dict[str, Any], rid: str, created_at: int, finished: Finished | None = None) -> None:
-        self._origin = origin
-        self._rid = rid
-        self._created_at = created_at
-        self._finished = finished
-        self._seq = 0
+        super().__init__(origin, rid, created_at, finished)
         self._started = False
         self._model: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -329,11 +333,6 @@ class ResponsesEvents:
         #: function call items by the chat tool call's index (open until the end), and their arguments in pieces
         self._calls: dict[int, dict[str, Any]] = {}
         self._arguments: dict[int, list[str]] = {}
-
-    def _event(self, kind: str, **fields: Any) -> bytes:
-        data = {"type": kind, **fields, "sequence_number": self._seq}
-        self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
     def _response(self, status: str, **extra: Any) -> dict[str, Any]:
         return response_object(
