@@ -18,14 +18,15 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.api.chat import json_object
 from app.api import errors
+from app.api.chat import json_object
 from app.api.errors import method_not_allowed
 from app.api.lane import Dialect, check_content_type, read_body
 from app.api.middleware import RequestIds, declared_too_large, too_large
 from app.api.responses import json_response
+from app.api.sse import StreamWriter
 from app.errors import ANTHROPIC_PATH, GatewayError
-from app.pipeline.answer import Answer, Batch
+from app.pipeline.answer import Answer
 from app.pipeline.base import ModelRequest, RequestContext
 from app.serving import CLIENT_CLOSED
 from app.shapes import ChatCompletionChunk
@@ -53,7 +54,7 @@ _PING = _event(b"ping", {"type": "ping"})
 _MESSAGE_STOP = _event(b"message_stop", {"type": "message_stop"})
 
 
-class AnthropicEvents:
+class AnthropicEvents(StreamWriter):
     """A chat stream as Anthropic's event sequence: ``message_start``, ``ping``, per content block
     ``content_block_start`` / ``content_block_delta`` (``thinking_delta``, ``text_delta``,
     ``input_json_delta``) / ``content_block_stop``, then ``message_delta`` (stop reason, usage)
@@ -161,9 +162,6 @@ class AnthropicEvents:
                 self._finish = choice["finish_reason"]
                 self._matched = choice.get("stop_reason")
         return b"".join(out)
-
-    def chunks(self, batch: Batch) -> bytes:
-        return b"".join(map(self.chunk, batch))
 
     def end(self) -> bytes:
         out: list[bytes] = []

@@ -34,8 +34,9 @@ class StreamWriter(Protocol):
         ...
 
     def chunks(self, batch: Batch) -> bytes:
-        """The bytes for a batch of them (what one read brought), sent as one message."""
-        ...
+        """The bytes for a batch of them (what one read brought), sent as one message: each
+        chunk's, unless a writer knows a shorter way (a writer that subclasses this gets this)."""
+        return b"".join(map(self.chunk, batch))
 
     def end(self) -> bytes: ...
 

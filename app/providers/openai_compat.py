@@ -136,14 +136,19 @@ class OpenAICompatibleProvider:
             return UpstreamTimeoutError(message, backend=self.name)
         return UpstreamError(message, backend=self.name)
 
-    def _chunk(self, data: bytes) -> dict[str, Any]:
-        """The chunk a ``data:`` line carries; the provider's error (or a bad event) raised."""
+    def _event_object(self, data: bytes) -> dict[str, Any]:
+        """The JSON object a streamed ``data:`` line carries (a bad event raised)."""
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
         if not isinstance(parsed, dict):
             raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
+        return parsed
+
+    def _chunk(self, data: bytes) -> dict[str, Any]:
+        """The chunk a ``data:`` line carries; the provider's error (or a bad event) raised."""
+        parsed = self._event_object(data)
         if "error" in parsed:
             err = parsed["error"]
             detail = str(err.get("message") or "") if isinstance(err, dict) else str(err)

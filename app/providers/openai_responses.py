@@ -120,12 +120,7 @@ class OpenAIResponsesProvider(OpenAICompatibleProvider):
 
     def _event(self, data: bytes) -> dict[str, Any]:
         """One streamed event; the provider's error (an ``error`` or ``response.failed`` event) raised."""
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not JSON", backend=self.name) from exc
-        if not isinstance(event, dict):
-            raise UpstreamBadResponseError(f"{self.name} sent a stream event that is not an object", backend=self.name)
+        event = self._event_object(data)
         kind = event.get("type")
         if kind == "error":
             raise self._failed(event)
