@@ -9,9 +9,6 @@ after, and wrk got 15.2-15.7k answers a second before, 17.3-17.7k after.
 :class:`CoalescingTransport` keeps what is written during one turn of the event loop and sends it
 in one call at the end of the turn, so a head and the body that follows it leave together; a
 stream's later chunks, each sent in its own turn, still leave as they come.
-A complete response (:func:`send_complete`) to the only request in progress is handed to the
-socket at once rather than at the turn's end, so its client is not kept waiting while the
-request's bookkeeping runs.
 
 :func:`send_complete` writes a complete response (head and body known at once) in one go: what
 uvicorn's ``send`` does over its two messages, without checking every header against its name and
@@ -47,16 +44,6 @@ class CoalescingTransport:
             self._loop.call_soon(self.flush)
         else:
             self._pending.append(data)
-
-    def write_now(self, data: bytes) -> None:
-        """Write ``data`` after what this turn wrote, all of it handed to the socket now: for a
-        response complete in one write, which then leaves before the rest of the turn (the
-        request's log and metrics) has run, and without a callback at the turn's end."""
-        pending, self._pending = self._pending, None
-        if pending:
-            data = b"".join([*pending, data])
-        if not self._transport.is_closing():
-            self._transport.write(data)
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
@@ -128,24 +115,9 @@ async def send_complete(send: Send, status: int, headers: list[tuple[bytes, byte
     if not cycle.keep_alive:
         content.append(b"connection: close\r\n")
     content += (b"\r\n", body)
-    transport = cycle.transport
-    if type(transport) is CoalescingTransport and _alone(cycle):
-        transport.write_now(b"".join(content))
-    else:
-        transport.write(b"".join(content))
+    cycle.transport.write(b"".join(content))
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
-
-
-def _alone(cycle: RequestResponseCycle) -> bool:
-    """Whether ``cycle``'s request is the only one the server is answering.
-
-    Alone, its answer leaves at once and its client does not wait for the request's bookkeeping;
-    with others in progress, answers written at the turn's end together cost less CPU each than
-    writes spread through the turn between the requests' Python work.
-    """
-    protocol = getattr(cycle.on_response, "__self__", None)
-    return protocol is None or len(protocol.server_state.tasks) <= 1
