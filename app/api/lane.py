@@ -23,7 +23,7 @@ from app.api.disconnect import DisconnectWatcher
 from app.api.errors import error_response, method_not_allowed
 from app.api.middleware import RequestIds, declared_too_large, too_large
 from app.api.sse import OpenAIEvents, SSEResponse, StreamWriter
-from app.api.transport import flush_if_alone, send_complete
+from app.api.transport import send_complete
 from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
 from app.pipeline.answer import Answer
 from app.pipeline.base import CHAT, ModelRequest, RequestContext
@@ -170,7 +170,6 @@ class JSONBytes:
             await send_complete(send, 200, self.raw_headers, self.body)
         finally:
             self._answer.sent()
-        flush_if_alone(send)
 
 
 class ModelLane:

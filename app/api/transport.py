@@ -121,18 +121,3 @@ async def send_complete(send: Send, status: int, headers: list[tuple[bytes, byte
     if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
-
-
-def flush_if_alone(send: Send) -> None:
-    """After a complete answer and its request's bookkeeping (recorded, limits settled): when its
-    request is the only one the server is answering, hand what the turn wrote to the socket now
-    rather than in the loop's next pass. With others in progress the answers of the turn still
-    leave together at its end (fewer writes, less CPU each); either way a request is recorded
-    before its client can have the answer."""
-    cycle = getattr(send, "__self__", None)
-    if type(cycle) is not RequestResponseCycle:
-        return
-    transport = cycle.transport
-    protocol = getattr(cycle.on_response, "__self__", None)
-    if type(transport) is CoalescingTransport and protocol is not None and len(protocol.server_state.tasks) <= 1:
-        transport.flush()
