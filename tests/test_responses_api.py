@@ -668,6 +668,16 @@ def test_bad_requests_are_400_naming_the_field(gw: GatewayServer, upstream: Fake
     assert upstream.calls == 0
 
 
+def test_what_no_provider_here_can_serve_is_refused_before_the_limits_count_it(upstream: FakeUpstream) -> None:
+    cfg = config(upstream).replace(f"{{key: {KEY_A}, agent: alpha}}", f"{{key: {KEY_A}, agent: alpha, rpm: 1}}")
+    with gateway(cfg) as server:
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        refused = httpx.post(f"{server.base_url}/responses", headers=headers, json={"model": "fast", "input": "hi", "tools": [{"type": "web_search"}]}, timeout=10)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools[0].type"
+        # the agent's one request a minute is still there
+        assert httpx.post(f"{server.base_url}/responses", headers=headers, json={"model": "fast", "input": "hi"}, timeout=10).status_code == 200
+
+
 def test_malformed_bodies_in_openai_error_shape(gw: GatewayServer, upstream: FakeUpstream) -> None:
     headers = {"Authorization": f"Bearer {KEY_A}"}
     for raw in (b"", b"{not json", b"[1, 2]"):

@@ -101,7 +101,7 @@ class FailoverLayer:
         native = request if type(request) is NativeCall else None
         windows = self._windows.get(ctx.route)
         if windows:
-            self._skip_too_small(native.translated if native is not None and native.translated is not None else request, ctx, windows, last)
+            self._skip_too_small(request if native is None else native.measured(), ctx, windows, last)
         for round_ in range(policy.attempts):
             # a provider that rejected our key will not accept it a second later, nor a prompt too long for it
             order = [d for d in self._order(ctx) if not isinstance(last.get(d), (UpstreamAuthError, ContextLengthError))]

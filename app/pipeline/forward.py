@@ -36,6 +36,10 @@ class NativeCall(ModelRequest):
             return self
         return self.translated
 
+    def measured(self) -> ModelRequest:
+        """What its size is read from (prompt, answer limit): the chat request it was translated to."""
+        return self.translated if self.translated is not None else self
+
     def prompt_text(self) -> str:
         return self.translated.prompt_text() if self.translated is not None else ""
 

@@ -208,7 +208,8 @@ class RedisStateStore:
 
     @property
     def channels(self) -> RedisChannels:
-        """Single-flight primitives on the same Redis and prefix (own connections; opened on first use)."""
+        """Single-flight primitives on the same Redis and prefix: their commands on this store's link, a
+        follower's blocking XREAD on a connection of its own (made on first use)."""
         if self._channels is None:
             self._channels = RedisChannels.from_url(self._url, self._prefix, link=self._link)
         return self._channels
@@ -218,7 +219,8 @@ class RedisStateStore:
         return RedisInflight(self)
 
     def cache_tier(self, table: SqlCacheTier) -> CacheTier:
-        """Redis (same server and key prefix, a client of its own) in front of ``table``, skipped while Redis is down."""
+        """Redis (same server and key prefix) in front of ``table``, skipped while Redis is down: reads on
+        this store's link, the batched writes on a client of their own."""
         client = open_client(self._url, timeout_s=0.5, connect_timeout_s=0.5)  # fails as fast as the state store
         self._cache = RedisCacheTier(client, self._prefix, link=self._link)
         return LayeredTier(self._cache, table, self)
