@@ -96,7 +96,6 @@ class Tally:
         self._counts: dict[Counter, float] = {}
         #: a histogram child -> [the sum of its observations, then one count per bucket]
         self._observed: dict[Histogram, list[float]] = {}
-        self._bounds: dict[Histogram, tuple[float, ...]] = {}
         registry.register(self)
 
     def add(self, counter: Counter, amount: float = 1.0) -> None:
@@ -116,11 +115,10 @@ class Tally:
             return
         pending = self._observed.get(histogram)
         if pending is None:
-            bounds = self._bounds[histogram] = tuple(histogram._upper_bounds)
-            pending = self._observed[histogram] = [0.0] * (len(bounds) + 1)
+            pending = self._observed[histogram] = [0.0] * (len(histogram._upper_bounds) + 1)
         pending[0] += value
         # the first bucket whose bound is at least the value, as Histogram.observe picks it
-        pending[1 + bisect_left(self._bounds[histogram], value)] += 1
+        pending[1 + bisect_left(histogram._upper_bounds, value)] += 1
 
     def fold(self) -> None:
         """Add what was kept to the collectors."""
