@@ -41,6 +41,8 @@ class Metrics:
         self.backend_up = Gauge("admiral_backend_up", "1 when the backend is usable (circuit not open), else 0.", ["backend"], registry=r, multiprocess_mode="min")
         self.tokens = Counter("admiral_tokens", "Tokens by direction (prompt, completion).", ["agent", "backend", "direction"], registry=r)
         self.inflight = Gauge("admiral_inflight_requests", "Chat completion requests in progress.", registry=r, multiprocess_mode="livesum")
+        if not self.tally.immediate:
+            self.inflight.set_function(lambda: self.tally.inflight)
         self.retries = Counter("admiral_retries", "Upstream calls retried after a failure.", ["backend"], registry=r)
         self.failovers = Counter("admiral_failovers", "Moves from a failing backend to the next.", ["from_backend"], registry=r)
         self.events = Counter("admiral_events", "Operational events emitted.", ["event"], registry=r)
@@ -84,7 +86,8 @@ class Tally:
 
     Each prometheus_client update runs several Python calls and takes a lock; a request's end
     makes about nine. Here the recorder holds :attr:`lock` once and each update is a dict update
-    (:meth:`add`, :meth:`observe`). With ``PROMETHEUS_MULTIPROC_DIR`` set, ``/metrics`` reads the
+    (:meth:`add`, :meth:`observe`); the requests in progress are a plain count, :attr:`inflight`,
+    which the gauge reads. With ``PROMETHEUS_MULTIPROC_DIR`` set, ``/metrics`` reads the
     workers' sample files and never this registry, so the updates go to the collectors at once
     (``immediate``).
     """
@@ -96,6 +99,8 @@ class Tally:
         self._counts: dict[Counter, float] = {}
         #: a histogram child -> [the sum of its observations, then one count per bucket]
         self._observed: dict[Histogram, list[float]] = {}
+        #: requests in progress (not ``immediate``), changed on the event loop only: the gauge reads it
+        self.inflight = 0
         registry.register(self)
 
     def add(self, counter: Counter, amount: float = 1.0) -> None:

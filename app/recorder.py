@@ -48,20 +48,27 @@ class RequestRecorder:
         self.observers: list[Callable[[ModelRequest | None, RequestContext, int, str | None, Usage | None], None]] = []
 
     def start(self) -> None:
-        self._metrics.inflight.inc()
+        tally = self._tally
+        if tally.immediate:
+            self._metrics.inflight.inc()
+        else:
+            tally.inflight += 1
 
     def finish(self, request: ModelRequest | None, ctx: RequestContext, status: int, content: str | None = None, usage: Usage | None = None) -> None:
         """Count and log the request; ``usage`` is what its answer reported (tokens count only when paid upstream)."""
         for observe in self.observers:
             observe(request, ctx, status, content, usage)
         m = self._metrics
-        m.inflight.dec()
+        tally = self._tally
+        if tally.immediate:
+            m.inflight.dec()
+        else:
+            tally.inflight -= 1
         elapsed = time.perf_counter() - ctx.started
         backend = ctx.backend or "none"
         reported = spent_tokens(True, usage)
         prompt_tokens, completion_tokens = (reported.prompt, reported.completion) if reported else (0, 0)
         price_usd = reference_usd = 0.0
-        tally = self._tally
         with tally.lock:
             # the request's counts and times, added to the collectors when /metrics is read
             tally.add(self._requests(ctx.agent, ctx.route or "none", backend, str(status), ctx.cache_status, ctx.endpoint))
