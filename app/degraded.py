@@ -26,8 +26,12 @@ class HitRateWatch:
         self._min_requests = min_requests
         self._clock = clock
         self._bucket_s = window_s / _BUCKETS
-        self._buckets: deque[list[int]] = deque()  # [bucket number, hits, lookups]
+        # running totals, and where they stood as each bucket of the window began: the window's
+        # counts are differences, so a lookup adds to two numbers and only a new bucket does more
         self._hits = self._lookups = 0
+        self._starts: deque[tuple[int, int, int]] = deque()  # (bucket number, hits, lookups) before it
+        self._bucket: int | None = None
+        self._hits_before = self._lookups_before = 0
         self._last_emit = float("-inf")
 
     @classmethod
@@ -39,21 +43,23 @@ class HitRateWatch:
             return
         now = self._clock()
         number = int(now // self._bucket_s)
-        buckets = self._buckets
-        while buckets and buckets[0][0] <= number - _BUCKETS:
-            _, hits, lookups = buckets.popleft()
-            self._hits -= hits
-            self._lookups -= lookups
-        if not buckets or buckets[-1][0] != number:
-            buckets.append([number, 0, 0])
-        hit = cache_status != "miss"
-        buckets[-1][1] += hit
-        buckets[-1][2] += 1
-        self._hits += hit
+        if number != self._bucket:
+            self._begin(number)
+        self._hits += cache_status != "miss"
         self._lookups += 1
-        if self._lookups < self._min_requests or now - self._last_emit < self._window_s:
+        lookups = self._lookups - self._lookups_before
+        if lookups < self._min_requests or now - self._last_emit < self._window_s:
             return
-        rate = self._hits / self._lookups
+        rate = (self._hits - self._hits_before) / lookups
         if rate < self._threshold:
             self._last_emit = now
-            self._events.emit("optimizer.degraded", hit_rate=round(rate, 4), lookups=self._lookups, threshold=self._threshold, window_s=self._window_s)
+            self._events.emit("optimizer.degraded", hit_rate=round(rate, 4), lookups=lookups, threshold=self._threshold, window_s=self._window_s)
+
+    def _begin(self, number: int) -> None:
+        """Bucket ``number`` begins: the buckets it pushes out of the window no longer count."""
+        self._bucket = number
+        starts = self._starts
+        starts.append((number, self._hits, self._lookups))
+        while starts[0][0] <= number - _BUCKETS:
+            starts.popleft()
+        _, self._hits_before, self._lookups_before = starts[0]
