@@ -8,7 +8,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,27 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_stores_them(tmp_path: Path) 
         row(request_id="a", ts=ts, upstream_ms=None, ttft_ms=0.1, dedupe="leader"),
         row(request_id="b", ts=ts.replace(microsecond=0), stream=True, latency_ms=7, prompt="p\x00ü", completion="", route="r" * 300),
     ]
+    await _assert_stored_as_sqlalchemy_stores(tmp_path, rows)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/writer.db")
+    async with engine.connect() as conn:
+        found = (await conn.execute(select(RequestLog.ts, RequestLog.stream, RequestLog.latency_ms, RequestLog.prompt).order_by(RequestLog.id))).all()
+    await engine.dispose()
+    # SQLite keeps no time zone: a UTC time comes back naive
+    assert [tuple(r) for r in found] == [(ts.replace(tzinfo=None), False, 12.5, None), (ts.replace(tzinfo=None, microsecond=0), True, 7.0, "p\x00ü")]
+
+
+@pytest.mark.asyncio
+async def test_sqlite_times_and_nulls_are_stored_as_sqlalchemy_stores_them(tmp_path: Path) -> None:
+    # the writer writes a second's date and time once, and leaves out the columns NULL in every row of a batch
+    ts = datetime(2024, 5, 6, 7, 59, 59, 999999, tzinfo=UTC)
+    plus_two = timezone(timedelta(hours=2))
+    times = [ts, ts.replace(microsecond=5), ts + timedelta(microseconds=1), ts.replace(tzinfo=None)]
+    times += [ts.astimezone(plus_two), ts.replace(tzinfo=plus_two), ts, ts - timedelta(hours=1)]
+    rows = [row(request_id=f"r{i}", ts=t, upstream_ms=None, trace_id="t" * 40 if i == 3 else None) for i, t in enumerate(times)]
+    await _assert_stored_as_sqlalchemy_stores(tmp_path, rows)
+
+
+async def _assert_stored_as_sqlalchemy_stores(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
     for name in ("writer", "sqlalchemy"):
         url = f"sqlite+aiosqlite:///{tmp_path}/{name}.db"
         await asyncio.to_thread(upgrade_to_head, url)
@@ -236,16 +257,10 @@ async def test_sqlite_rows_are_stored_as_sqlalchemy_stores_them(tmp_path: Path) 
             await writer.close()
         else:
             async with engine.begin() as conn:
-                await conn.execute(insert(RequestLog), [dict(r, route=r["route"][:200]) for r in rows])
+                await conn.execute(insert(RequestLog), [dict(r, route=r["route"][:200], trace_id=r["trace_id"] and r["trace_id"][:32]) for r in rows])
         await engine.dispose()
     stored, expected = ([[(type(v), v) for v in r] for r in _db_rows(f"{tmp_path}/{name}.db")] for name in ("writer", "sqlalchemy"))
     assert stored == expected
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/writer.db")
-    async with engine.connect() as conn:
-        found = (await conn.execute(select(RequestLog.ts, RequestLog.stream, RequestLog.latency_ms, RequestLog.prompt).order_by(RequestLog.id))).all()
-    await engine.dispose()
-    # SQLite keeps no time zone: a UTC time comes back naive
-    assert [tuple(r) for r in found] == [(ts.replace(tzinfo=None), False, 12.5, None), (ts.replace(tzinfo=None, microsecond=0), True, 7.0, "p\x00ü")]
 
 
 @pytest.mark.asyncio
