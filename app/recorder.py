@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from app.metrics import Children, Metrics
-from app.pipeline.answer import spent_tokens
 from app.pipeline.base import ModelRequest, RequestContext
 from app.shapes import Usage
 
@@ -66,8 +65,9 @@ class RequestRecorder:
             tally.inflight -= 1
         elapsed = time.perf_counter() - ctx.started
         backend = ctx.backend or "none"
-        reported = spent_tokens(True, usage)
-        prompt_tokens, completion_tokens = (reported.prompt, reported.completion) if reported else (0, 0)
+        # the counts the answer reported, read as spent_tokens reads them (without making its Tokens)
+        prompt_tokens = int(usage.get("prompt_tokens") or 0) if usage else 0
+        completion_tokens = int(usage.get("completion_tokens") or 0) if usage else 0
         price_usd = reference_usd = 0.0
         with tally.lock:
             # the request's counts and times, added to the collectors when /metrics is read
