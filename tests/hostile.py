@@ -75,7 +75,7 @@ def server_errors(gw: GatewayServer) -> float:
 
 
 def inflight(gw: GatewayServer) -> float:
-    return float(gw.services.metrics.inflight._value.get())
+    return gw.services.metrics.registry.get_sample_value("admiral_inflight_requests") or 0.0
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

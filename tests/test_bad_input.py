@@ -208,7 +208,7 @@ def test_oversize_chunked_body_is_413_without_content_length(small_gw: GatewaySe
     err = assert_openai_error(r, 413)
     assert err["code"] == "request_too_large"
     assert up.calls == 0
-    assert small_gw.services.metrics.inflight._value.get() == 0
+    assert small_gw.services.metrics.registry.get_sample_value("admiral_inflight_requests") == 0
 
 
 def test_body_under_the_limit_is_served(small_gw: GatewayServer) -> None:
