@@ -391,3 +391,32 @@ async def test_writer_and_pruning_on_postgres(new_pg_database: NewDatabase) -> N
         routes = dict((await conn.execute(select(RequestLog.request_id, RequestLog.route))).all())
     assert routes == {"long": "x" * 200, "new": "demo"}
     await engine.dispose()
+
+
+def test_the_recorder_makes_each_column_of_its_row() -> None:
+    # the recorder makes its Row positionally: each value must land in its own column
+    from app.pipeline.base import Deployment, RequestContext
+    from app.recorder import RequestRecorder
+    from app.storage.request_log import Row
+
+    rows: list[Row] = []
+
+    class Sink:
+        def submit(self, r: Row) -> None:
+            rows.append(r)
+
+    recorder = RequestRecorder(Metrics(), Sink())
+    ctx = RequestContext(request_id="rid", agent="ag", route="rt", backend="be", cache_status="miss", dedupe_role="leader", attempts=2)
+    ctx.deployment, ctx.upstream_seconds, ctx.ttft_seconds, ctx.error_type = Deployment("pr", "mo"), 0.25, 0.125, "et"
+    ctx.endpoint, ctx.trace_id, ctx.route_by, ctx.route_score = "responses", "tr", "rule", 0.5
+    recorder.start()
+    recorder.finish(None, ctx, 502, None, {"prompt_tokens": 3, "completion_tokens": 4, "estimated": True})  # type: ignore[typeddict-unknown-key]
+    got = rows[0]._asdict()
+    assert isinstance(got.pop("ts"), datetime) and got.pop("latency_ms") > 0
+    assert got == {
+        "request_id": "rid", "agent": "ag", "requested_model": "", "route": "rt", "backend": "be", "deployment_model": "mo", "status": 502,
+        "outcome": "error", "cache": "miss", "dedupe": "leader", "stream": False, "upstream_ms": 250.0, "ttft_ms": 125.0, "prompt_tokens": 3,
+        "completion_tokens": 4, "attempts": 2, "error_type": "et", "prompt": None, "completion": None, "endpoint": "responses", "trace_id": "tr",
+        "route_by": "rule", "route_score": 0.5, "price_usd": 0.0, "usage_estimated": True, "reference_usd": 0.0,
+    }  # fmt: skip
+    assert list(Row._fields) == [c.key for c in RequestLog.__table__.columns if c.key != "id"]

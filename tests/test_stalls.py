@@ -30,7 +30,7 @@ from app.storage.cache_tiers import CacheWrite, SqlCacheTier
 from app.storage.db import create_engine, writing
 from app.storage.migrate import upgrade_to_head
 from app.storage.models import CacheEntry, RequestLog
-from app.storage.request_log import RequestLogWriter
+from app.storage.request_log import RequestLogWriter, Row
 from app.storage.response_cache import CachedAnswer, MemoryLRU
 from tests.fake_upstream import FakeUpstream
 from tests.hostile import AUTH, HELLO, config, inflight, wait_for
@@ -69,7 +69,7 @@ async def test_the_request_log_waits_its_turn_behind_a_cache_write_instead_of_fa
 
         holder = asyncio.create_task(long_cache_transaction())
         await inside.wait()
-        logging_rows = asyncio.create_task(writer._write([row(request_id=f"r{i}") for i in range(3)]))
+        logging_rows = asyncio.create_task(writer._write([Row(**row(request_id=f"r{i}")) for i in range(3)]))
         lock = db_module._WRITERS[engine]
         for _ in range(500):  # until the insert is either refused by SQLite or waiting for its turn
             if logging_rows.done() or lock._waiters:

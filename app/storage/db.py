@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -91,17 +91,24 @@ class BulkInsert:
     SQLAlchemy would apply, so the rows stored are the same.
     """
 
-    def __init__(self, statement: Insert, dialect: Dialect, keys: Sequence[str]) -> None:
+    def __init__(self, statement: Insert, dialect: Dialect, keys: Sequence[str], get: Callable[[str], Callable[[Any], Any]] = itemgetter) -> None:
+        """``get`` makes the function that takes a key's value out of a row (a mapping's by default)."""
         # for executemany: on PostgreSQL a single-row INSERT would also return the new ids
         compiled = statement.compile(dialect=dialect, column_keys=list(keys), for_executemany=True)
         names = compiled.positiontup
         if names is None or sorted(names) != sorted(keys):
             raise ValueError(f"expected one positional parameter per key {list(keys)}, the statement has {names}")
         self._sql = compiled.string
-        self._columns = [(itemgetter(name), compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names]
+        self._columns = [(name, get(name), compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names]
 
-    async def execute(self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Run the statement for each row, in the caller's transaction; every row has every key."""
+    async def execute(self, conn: AsyncConnection, rows: Sequence[Any], given: Mapping[str, Iterable[Any]] | None = None) -> None:
+        """Run the statement for each row, in the caller's transaction; every row has every key.
+
+        ``given``: the values to bind for a key, in the rows' order, in place of the rows' own.
+        """
+        given = given or {}
         # column by column, so the loops over values run in C (map, zip), not in Python
-        columns = [map(process, map(get, rows)) if process else map(get, rows) for get, process in self._columns]
+        columns = [
+            given[name] if name in given else map(process, map(get, rows)) if process else map(get, rows) for name, get, process in self._columns
+        ]
         await conn.exec_driver_sql(self._sql, list(zip(*columns)))
