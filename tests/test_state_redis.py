@@ -78,11 +78,11 @@ async def test_adjust_rate_gives_back_and_takes_more(harness: Harness) -> None:
     for _ in range(5):
         assert await store.acquire_rate("k", 5, 60.0) == 0.0
     assert await store.acquire_rate("k", 5, 60.0) > 0
-    await store.adjust_rate("k", 5, 60.0, -2)
+    store.adjust_rate("k", 5, 60.0, -2)
     assert await store.acquire_rate("k", 5, 60.0) == 0.0
     assert await store.acquire_rate("k", 5, 60.0) == 0.0
     assert await store.acquire_rate("k", 5, 60.0) > 0
-    await store.adjust_rate("other", 5, 60.0, 5)  # taking more than admitted: the next one waits
+    store.adjust_rate("other", 5, 60.0, 5)  # taking more than admitted: the next one waits
     assert 11.0 < await store.acquire_rate("other", 5, 60.0) <= 12.0 + 1e-6
 
 

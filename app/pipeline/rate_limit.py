@@ -60,6 +60,32 @@ class _Left:
         self.resets_at = window.resets_at
 
 
+class _Budget:
+    """One name's budget as every admission and settlement use it, made once; and this replica's
+    mirror of its minute windows' TATs (for :meth:`RateLimiter.usage`)."""
+
+    __slots__ = ("limit", "one_request", "rpm_key", "rpm_tat", "tpm_key", "tpm_tat", "windows")
+
+    def __init__(self, limit: RateLimit, rpm_key: str, tpm_key: str) -> None:
+        self.limit = limit
+        self.rpm_key = rpm_key
+        self.tpm_key = tpm_key
+        #: the take of one request from the rpm window, the same on every admission
+        self.one_request = RateTake(rpm_key, limit.rpm, PERIOD_S, 1) if limit.rpm else None
+        #: the windows an admission checks, in the store's order (rates, then quotas)
+        self.windows = tuple(unit for unit in ("rpm", "tpm", "rpd", "tpd") if getattr(limit, unit))
+        # no TAT before the first admission: 0 is never after now
+        self.rpm_tat = 0.0
+        self.tpm_tat = 0.0
+
+
+def _mirror(tat: float, now: float, delta: float, limit: int) -> float:
+    """A minute window's TAT after ``delta`` units more (fewer when negative), never before ``now``."""
+    # conditionals rather than max(): this runs on every admission and settlement
+    tat = (tat if tat > now else now) + delta * PERIOD_S / limit
+    return tat if tat > now else now
+
+
 class Days:
     """Calendar days in one time zone: which day it is, and how long until the next starts."""
 
@@ -142,11 +168,7 @@ class RateLimiter:
         #: the last shared count of each daily window: (name, unit) -> (day, used)
         self._day_used: dict[tuple[str, str], tuple[str, int]] = {}
         self._rejections = metrics.ratelimit_rejections.labels(scope)
-        #: each budget's (rpm, tpm) keys in the state store, built once
-        self._keys = {name: (self._key(name, "rpm"), self._key(name, "tpm")) for name in self.limits}
-        #: each budget's take of one request from its rpm window, the same on every admission
-        self._one_request = {name: RateTake(self._keys[name][0], limit.rpm, PERIOD_S, 1) for name, limit in self.limits.items() if limit.rpm}
-        self._tat: dict[str, float] = {}
+        self._budgets = {name: _Budget(limit, self._key(name, "rpm"), self._key(name, "tpm")) for name, limit in self.limits.items()}
         self._refused: dict[str, int] = {}
         self._refused_until: dict[str, float] = {}
 
@@ -199,32 +221,21 @@ class RateLimiter:
     def _key(self, name: str, unit: str) -> str:
         return f"rl:{self.scope}:{name}:{unit}"
 
-    def _mirror(self, key: str, limit: int, delta: float, now: float) -> None:
-        self._tat[key] = max(now, max(self._tat.get(key, now), now) + delta * PERIOD_S / limit)
-
-    async def _give(self, key: str, limit: int, delta: float) -> None:
-        await self._state.adjust_rate(key, limit, PERIOD_S, delta)
-        self._mirror(key, limit, delta, self._clock.now())
-
     async def reserve(self, name: str, tokens: int) -> Reservation:
         """Take one request and ``tokens`` (capped at the tpm and tpd) from ``name``'s budget, or refuse.
 
         Every window is checked and taken in one call to the store (one round trip on Redis).
         """
-        limit = self.limits.get(name)
-        if limit is None:
+        budget = self._budgets.get(name)
+        if budget is None:
             return Reservation(name, None)
-        tpm_key = self._keys[name][1]
-        tokens = max(tokens, 1)
-        minute_tokens = min(tokens, limit.tpm) if limit.tpm else 0
-        windows: list[str] = []
-        rates: list[RateTake] = []
-        if limit.rpm:
-            windows.append("rpm")
-            rates.append(self._one_request[name])
-        if limit.tpm:
-            windows.append("tpm")
-            rates.append(RateTake(tpm_key, limit.tpm, PERIOD_S, minute_tokens))
+        limit = budget.limit
+        tokens = tokens if tokens > 1 else 1
+        tpm = limit.tpm
+        minute_tokens = (tokens if tokens < tpm else tpm) if tpm else 0
+        rates = [budget.one_request] if budget.one_request is not None else []
+        if tpm:
+            rates.append(RateTake(budget.tpm_key, tpm, PERIOD_S, minute_tokens))
         quotas: list[QuotaTake] = []
         day, left_s, day_tokens = "", 0.0, 0
         if limit.rpd or limit.tpd:
@@ -232,18 +243,19 @@ class RateLimiter:
             day_tokens = min(tokens, limit.tpd) if limit.tpd else 0
             for unit, per_day, cost in (("rpd", limit.rpd, 1), ("tpd", limit.tpd, day_tokens)):
                 if per_day:
-                    windows.append(unit)
                     quotas.append(QuotaTake(self._key(name, unit) + ":" + day, per_day, cost, left_s + _DAY_GRACE_S))
         admission = await self._state.admit(rates, quotas)
         if quotas:
-            for quota, unit, used in zip(quotas, windows[len(rates) :], admission.used, strict=True):
+            for quota, unit, used in zip(quotas, budget.windows[len(rates) :], admission.used, strict=True):
                 await self._saw_day(name, unit, quota.limit, day, used, left_s)
         if admission.refused >= 0:
-            window = windows[admission.refused]
+            window = budget.windows[admission.refused]
             return await self._refuse(name, limit, admission.wait_s if admission.refused < len(rates) else left_s, window)
         now = self._clock.now()
-        for take in rates:
-            self._mirror(take.key, int(take.limit), take.cost, now)
+        if limit.rpm:
+            budget.rpm_tat = _mirror(budget.rpm_tat, now, 1, limit.rpm)
+        if tpm:
+            budget.tpm_tat = _mirror(budget.tpm_tat, now, minute_tokens, tpm)
         return Reservation(name, limit, minute_tokens, day=day, day_tokens=day_tokens)
 
     async def _saw_day(self, name: str, unit: str, limit: int, day: str, used: int, left_s: float) -> None:
@@ -275,11 +287,14 @@ class RateLimiter:
             return
         reservation.settled = True
         name = reservation.name
-        rpm_key, tpm_key = self._keys[name]
+        budget = self._budgets[name]
         if limit.tpm and used_tokens is not None and used_tokens != reservation.tokens:
-            await self._give(tpm_key, limit.tpm, used_tokens - reservation.tokens)
+            delta = used_tokens - reservation.tokens
+            self._state.adjust_rate(budget.tpm_key, limit.tpm, PERIOD_S, delta)
+            budget.tpm_tat = _mirror(budget.tpm_tat, self._clock.now(), delta, limit.tpm)
         if limit.rpm and not called:
-            await self._give(rpm_key, limit.rpm, -1)
+            self._state.adjust_rate(budget.rpm_key, limit.rpm, PERIOD_S, -1)
+            budget.rpm_tat = _mirror(budget.rpm_tat, self._clock.now(), -1, limit.rpm)
         day = reservation.day
         if not day:
             return
@@ -305,15 +320,16 @@ class RateLimiter:
                 self._remaining.labels(self.scope, name, unit).set(max(0, per_day - used))
 
     def usage(self, name: str) -> BudgetUse | None:
-        limit = self.limits.get(name)
-        if limit is None:
+        budget = self._budgets.get(name)
+        if budget is None:
             return None
+        limit = budget.limit
         now = self._clock.now()
 
-        def used(unit: str, per_minute: int | None) -> float:
+        def used(tat: float, per_minute: int | None) -> float:
             if not per_minute:
                 return 0.0
-            return min(float(per_minute), max(0.0, self._tat.get(self._key(name, unit), now) - now) * per_minute / PERIOD_S)
+            return min(float(per_minute), max(0.0, tat - now) * per_minute / PERIOD_S)
 
         day, left_s = self._days.today(now)
 
@@ -323,9 +339,9 @@ class RateLimiter:
 
         return BudgetUse(
             rpm=limit.rpm,
-            rpm_used=used("rpm", limit.rpm),
+            rpm_used=used(budget.rpm_tat, limit.rpm),
             tpm=limit.tpm,
-            tpm_used=used("tpm", limit.tpm),
+            tpm_used=used(budget.tpm_tat, limit.tpm),
             refused_total=self._refused.get(name, 0),
             retry_after_s=max(0.0, self._refused_until.get(name, now) - now),
             rpd=limit.rpd,
@@ -349,13 +365,21 @@ class RateLimiter:
 async def settle_when_done(limiter: RateLimiter, reservation: Reservation, answer: Answer, paid: bool) -> Answer:
     """Settle with the tokens the answer cost once it is over (a stream that failed or was left
     still cost what it used: the estimate stands when the provider never said)."""
+    if not answer.is_stream:
+        # over already: settled at once (what when_done would do, without a hook to make and await)
+        await limiter.settle(reservation, _spent(paid, answer))
+        return answer
 
     async def settle(_: BaseException | None) -> None:
-        spent = spent_tokens(paid, answer.usage)
-        await limiter.settle(reservation, spent.total if spent is not None else None)
+        await limiter.settle(reservation, _spent(paid, answer))
 
     await answer.when_done(settle)
     return answer
+
+
+def _spent(paid: bool, answer: Answer) -> int | None:
+    spent = spent_tokens(paid, answer.usage)
+    return spent.total if spent is not None else None
 
 
 class AgentRateLimitLayer:

@@ -59,11 +59,12 @@ class StateStore(Protocol):
         """
         ...
 
-    async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
+    def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
         """Settle an earlier admission: take ``delta`` more units, or give back when negative.
 
-        A store may apply it a moment later (the Redis store sends it with its next admission, or
-        within ``ADJUST_DELAY_S``), never after a later admission on the same store.
+        Not a coroutine: it needs no answer, so it never waits. A store may apply it a moment later
+        (the Redis store sends it with its next admission, or within ``ADJUST_DELAY_S``), never
+        after a later admission on the same store.
         """
         ...
 

@@ -23,43 +23,41 @@ class MemoryStateStore:
         self._events: dict[str, deque[float]] = {}
         self._values: dict[str, tuple[bytes, float | None]] = {}
 
-    def _gcra(self, take: RateTake, now: float) -> tuple[float, float]:
-        """(seconds to wait, 0 when there is room; the TAT after taking)."""
-        tat = max(self._tat.get(take.key, now), now)
-        new_tat = tat + take.cost * (take.period_s / take.limit)
-        wait = new_tat - take.period_s - now
-        # under 1 µs is float noise from summing intervals, not a wait (the Redis store agrees)
-        return (wait if wait > 1e-6 else 0.0), new_tat
-
     async def acquire_rate(self, key: str, limit: float, period_s: float, cost: float = 1.0) -> float:
         admission = await self.admit([RateTake(key, limit, period_s, cost)], [])
         return admission.wait_s
 
     async def admit(self, rates: Sequence[RateTake], quotas: Sequence[QuotaTake]) -> Admission:
         now = self._clock()
-        tats: list[float] = []
+        known = self._tat
         used = tuple([self._quota(q.key) for q in quotas]) if quotas else ()
-        for i, take in enumerate(rates):
-            wait, new_tat = self._gcra(take, now)
-            if wait > 0:
+        taken: list[tuple[str, float]] = []
+        for i, (key, limit, period_s, cost) in enumerate(rates):
+            # GCRA (conditionals rather than max(): this runs on every admission)
+            tat = known.get(key, now)
+            tat = (tat if tat > now else now) + cost * (period_s / limit)
+            wait = tat - period_s - now
+            # under 1 µs is float noise from summing intervals, not a wait (the Redis store agrees)
+            if wait > 1e-6:
                 return Admission(i, wait, used)
-            tats.append(new_tat)
+            taken.append((key, tat))
+        if not quotas:
+            # minute windows alone (every request of a key without daily limits)
+            known.update(taken)
+            return _ADMITTED
         for i, q in enumerate(quotas):
             if used[i] + q.cost > q.limit:
                 return Admission(len(rates) + i, 0.0, used)
-        for take, new_tat in zip(rates, tats, strict=True):
-            self._tat[take.key] = new_tat
-        if not quotas:
-            # minute windows alone (every request of a key without daily limits)
-            return _ADMITTED
+        known.update(taken)
         for q, before in zip(quotas, used, strict=True):
             self._values["quota:" + q.key] = (str(before + q.cost).encode(), now + q.ttl_s)
         return Admission(-1, 0.0, tuple([before + q.cost for q, before in zip(quotas, used, strict=True)]))
 
-    async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
+    def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
         now = self._clock()
-        tat = max(self._tat.get(key, now), now)
-        self._tat[key] = max(now, tat + delta * (period_s / limit))
+        tat = self._tat.get(key, now)
+        tat = (tat if tat > now else now) + delta * (period_s / limit)
+        self._tat[key] = tat if tat > now else now
 
     def _quota(self, key: str) -> int:
         value = self._live("quota:" + key)

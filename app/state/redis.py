@@ -243,9 +243,9 @@ class RedisStateStore:
         admission = await self.admit([RateTake(key, limit, period_s, cost)], [])
         return admission.wait_s
 
-    async def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
+    def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
         if self._fallback is not None:
-            await self._fallback.adjust_rate(key, limit, period_s, delta)
+            self._fallback.adjust_rate(key, limit, period_s, delta)
             return
         # a settlement needs no answer: it goes with the next admission instead of a round trip of its own
         self._settlements.append(RateTake(key, limit, period_s, delta))
