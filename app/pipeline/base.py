@@ -106,7 +106,10 @@ class ModelRequest:
             prompt = _tokens_in(self.body.get("prompt"))
             limit = self.body.get("max_tokens") or 16
         else:
-            prompt = sum(len(str(m.get("content") or "")) for m in self.body["messages"]) // 4 + 1
+            chars = 0
+            for m in self.body["messages"]:  # a loop, not sum() over a generator: this runs on every request
+                chars += len(str(m.get("content") or ""))
+            prompt = chars // 4 + 1
             limit = self.body.get("max_completion_tokens") or self.body.get("max_tokens") or 256
         return prompt + int(limit) * int(self.body.get("n") or 1)
 
