@@ -306,6 +306,10 @@ class Tokens(NamedTuple):
     total: int
 
 
+#: what an answer the request did not call upstream for cost (made once: a NamedTuple is slow to build)
+_NOTHING = Tokens(0, 0, 0)
+
+
 def spent_tokens(paid: bool, usage: Usage | dict[str, Any] | None) -> Tokens | None:
     """The tokens a request paid upstream; None when the provider did not say.
 
@@ -313,7 +317,7 @@ def spent_tokens(paid: bool, usage: Usage | dict[str, Any] | None) -> Tokens | N
     follower): they cost nothing, whatever the usage they carry.
     """
     if not paid:
-        return Tokens(0, 0, 0)
+        return _NOTHING
     if not usage:
         return None
     prompt = int(usage.get("prompt_tokens") or 0)
