@@ -25,7 +25,7 @@ from app.pipeline.answer import Answer, spent_tokens
 from app.pipeline.base import Handler, ModelRequest, RequestContext
 from app.providers.announced import Announced, announced_limits
 from app.state import StateStore
-from app.state.base import QuotaTake, RateTake
+from app.state.base import QuotaTake, RateTake, RateWindow
 
 PERIOD_S = 60.0
 #: at most one optimizer.rate_limit event per budget in this many seconds
@@ -64,14 +64,16 @@ class _Budget:
     """One name's budget as every admission and settlement use it, made once; and this replica's
     mirror of its minute windows' TATs (for :meth:`RateLimiter.usage`)."""
 
-    __slots__ = ("limit", "one_request", "rpm_key", "rpm_tat", "tpm_key", "tpm_tat", "windows")
+    __slots__ = ("limit", "one_request", "rpm_key", "rpm_tat", "tpm", "tpm_key", "tpm_tat", "windows")
 
     def __init__(self, limit: RateLimit, rpm_key: str, tpm_key: str) -> None:
         self.limit = limit
         self.rpm_key = rpm_key
         self.tpm_key = tpm_key
         #: the take of one request from the rpm window, the same on every admission
-        self.one_request = RateTake(rpm_key, limit.rpm, PERIOD_S, 1) if limit.rpm else None
+        self.one_request: RateTake | None = (RateWindow(rpm_key, limit.rpm, PERIOD_S), 1) if limit.rpm else None
+        #: the tpm window (each admission takes its own number of tokens from it)
+        self.tpm = RateWindow(tpm_key, limit.tpm, PERIOD_S) if limit.tpm else None
         #: the windows an admission checks, in the store's order (rates, then quotas)
         self.windows = tuple(unit for unit in ("rpm", "tpm", "rpd", "tpd") if getattr(limit, unit))
         # no TAT before the first admission: 0 is never after now
@@ -234,8 +236,8 @@ class RateLimiter:
         tpm = limit.tpm
         minute_tokens = (tokens if tokens < tpm else tpm) if tpm else 0
         rates = [budget.one_request] if budget.one_request is not None else []
-        if tpm:
-            rates.append(RateTake(budget.tpm_key, tpm, PERIOD_S, minute_tokens))
+        if budget.tpm is not None:
+            rates.append((budget.tpm, minute_tokens))
         quotas: list[QuotaTake] = []
         day, left_s, day_tokens = "", 0.0, 0
         if limit.rpd or limit.tpd:

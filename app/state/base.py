@@ -15,13 +15,17 @@ from app.pipeline.inflight import InflightCoordinator
 from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
 
-class RateTake(NamedTuple):
-    """One GCRA window of an admission: ``cost`` units against ``limit`` per ``period_s``."""
+class RateWindow(NamedTuple):
+    """A GCRA window: ``limit`` units per ``period_s``, its state under ``key``."""
 
     key: str
     limit: float
     period_s: float
-    cost: float
+
+
+#: one GCRA window of an admission and the units it takes from it (a plain pair: one is made per
+#: request, and a NamedTuple is slow to make)
+RateTake = tuple[RateWindow, float]
 
 
 class QuotaTake(NamedTuple):

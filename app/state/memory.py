@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from app.pipeline.inflight import InflightCoordinator, LocalInflight
-from app.state.base import Admission, QuotaTake, RateTake
+from app.state.base import Admission, QuotaTake, RateTake, RateWindow
 from app.storage.cache_tiers import CacheTier, SqlCacheTier
 
 #: what admitting into rate windows alone answers
@@ -24,7 +24,7 @@ class MemoryStateStore:
         self._values: dict[str, tuple[bytes, float | None]] = {}
 
     async def acquire_rate(self, key: str, limit: float, period_s: float, cost: float = 1.0) -> float:
-        admission = await self.admit([RateTake(key, limit, period_s, cost)], [])
+        admission = await self.admit([(RateWindow(key, limit, period_s), cost)], [])
         return admission.wait_s
 
     async def admit(self, rates: Sequence[RateTake], quotas: Sequence[QuotaTake]) -> Admission:
@@ -32,7 +32,7 @@ class MemoryStateStore:
         known = self._tat
         used = tuple([self._quota(q.key) for q in quotas]) if quotas else ()
         taken: list[tuple[str, float]] = []
-        for i, (key, limit, period_s, cost) in enumerate(rates):
+        for i, ((key, limit, period_s), cost) in enumerate(rates):
             # GCRA (conditionals rather than max(): this runs on every admission)
             tat = known.get(key, now)
             tat = (tat if tat > now else now) + cost * (period_s / limit)

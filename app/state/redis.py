@@ -43,7 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.pipeline.inflight import InflightCoordinator
 from app.pipeline.inflight_redis import RedisInflight
-from app.state.base import Admission, QuotaTake, RateTake
+from app.state.base import Admission, QuotaTake, RateTake, RateWindow
 from app.state.memory import MemoryStateStore
 from app.state.redis_cache import LayeredTier, RedisCacheTier
 from app.state.redis_channels import RedisChannels
@@ -240,7 +240,7 @@ class RedisStateStore:
     # -- StateStore --------------------------------------------------------------------------
 
     async def acquire_rate(self, key: str, limit: float, period_s: float, cost: float = 1.0) -> float:
-        admission = await self.admit([RateTake(key, limit, period_s, cost)], [])
+        admission = await self.admit([(RateWindow(key, limit, period_s), cost)], [])
         return admission.wait_s
 
     def adjust_rate(self, key: str, limit: float, period_s: float, delta: float) -> None:
@@ -248,7 +248,7 @@ class RedisStateStore:
             self._fallback.adjust_rate(key, limit, period_s, delta)
             return
         # a settlement needs no answer: it goes with the next admission instead of a round trip of its own
-        self._settlements.append(RateTake(key, limit, period_s, delta))
+        self._settlements.append((RateWindow(key, limit, period_s), delta))
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(ADJUST_DELAY_S, self._send_settlements)
 
@@ -268,10 +268,10 @@ class RedisStateStore:
             # every request's path: written out, not through _call's closures
             prefix = self._prefix
             takes = (*settlements, *rates) if settlements else rates
-            keys = [prefix + "gcra:" + t.key for t in takes]
+            keys = [prefix + "gcra:" + window.key for window, _ in takes]
             args: list[float | int] = [len(settlements), len(rates), len(quotas)]
-            for t in takes:
-                args += (t.limit, t.period_s, t.cost)
+            for window, cost in takes:
+                args += (window.limit, window.period_s, cost)
             for q in quotas:
                 keys.append(prefix + "quota:" + q.key)
                 args += (q.limit, q.cost, _ms(q.ttl_s))
