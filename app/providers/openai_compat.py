@@ -66,17 +66,16 @@ class OpenAICompatibleProvider:
         self.trace_headers: Callable[[], dict[str, str]] | None = None
         #: given each answer's headers (its x-ratelimit-* announcements feed the provider budget)
         self.on_headers: Callable[[str, Mapping[str, str]], None] | None = None
+        read_s = config.first_byte_timeout_s or config.timeout_s
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeout_s,
             sock_connect=config.connect_timeout_s,
-            sock_read=config.first_byte_timeout_s or config.timeout_s,
+            # a silence as long as the whole call's limit is cut by that limit anyway; without a read
+            # timeout aiohttp arms no timer for each read of the answer
+            sock_read=read_s if read_s < config.timeout_s else None,
         )
         # a stream may run longer than one plain call; the read timeout bounds each silence
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=config.connect_timeout_s,
-            sock_read=config.first_byte_timeout_s or config.timeout_s,
-        )
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s, sock_read=read_s)
 
     async def start(self) -> None:
         headers = {"Content-Type": "application/json", **self._config.headers}
