@@ -110,7 +110,7 @@ class Flight:
         self.task: asyncio.Task[None] | None = None
 
     def start(self, call: SharedCall) -> None:
-        self.task = self._loop.create_task(self._run(call), name=f"flight-{self.key[:12]}")
+        self.task = self._loop.create_task(self._run(call))
 
     async def _run(self, call: SharedCall) -> None:
         try:
@@ -238,8 +238,9 @@ class LocalInflight:
 
     def __init__(self) -> None:
         self._flights: dict[str, Flight] = {}
-        # the loop keeps only weak references to tasks: a cancelled flight must still finish closing
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: the tasks of flights given up while they ran: the loop keeps only weak references to tasks,
+        #: and a cancelled flight must still finish closing (a running flight is held by ``_flights``)
+        self._closing: set[asyncio.Task[None]] = set()
         #: the loop the flights run on, read at the first join (the registry may be built before the loop runs)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -261,17 +262,19 @@ class LocalInflight:
         self._flights[key] = flight
         ticket = LocalTicket(flight, leader=True)
         flight.start(call)
-        assert flight.task is not None
-        self._tasks.add(flight.task)
-        flight.task.add_done_callback(self._tasks.discard)
         return ticket
 
     def _forget(self, flight: Flight) -> None:
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
+        task = flight.task
+        if not flight.done and task is not None:
+            # given up by its last waiter (Flight.release cancels it next)
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
-        tasks = list(self._tasks)
+        tasks = [f.task for f in self._flights.values() if f.task is not None] + list(self._closing)
         for task in tasks:
             task.cancel()
         for task in tasks:
