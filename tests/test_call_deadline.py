@@ -12,9 +12,8 @@ from app.pipeline.failover import CallDeadline
 def test_a_call_past_its_deadline_ends_with_timeout_error() -> None:
     async def main() -> None:
         limit = CallDeadline(0.01)
-        with pytest.raises(TimeoutError):
-            with limit:
-                await asyncio.sleep(5)
+        with pytest.raises(TimeoutError), limit:
+            await asyncio.sleep(5)
         assert limit.expired()
         assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
@@ -59,11 +58,10 @@ def test_a_cancellation_from_outside_at_the_deadline_is_not_swallowed() -> None:
     async def main() -> None:
         task = asyncio.current_task()
         assert task is not None
-        with pytest.raises(asyncio.CancelledError):
-            with CallDeadline(0):
-                # the deadline and another cancellation both land before the call wakes up
-                asyncio.get_running_loop().call_soon(task.cancel)
-                await asyncio.sleep(1)
+        with pytest.raises(asyncio.CancelledError), CallDeadline(0):
+            # the deadline and another cancellation both land before the call wakes up
+            asyncio.get_running_loop().call_soon(task.cancel)
+            await asyncio.sleep(1)
         task.uncancel()
 
     asyncio.run(main())

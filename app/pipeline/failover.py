@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 from app.clock import Clock
 from app.config import Settings
@@ -78,7 +79,7 @@ class CallDeadline:
         self._delay = delay
         self._expired = False
 
-    def __enter__(self) -> CallDeadline:
+    def __enter__(self) -> Self:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("a call deadline needs a task")
