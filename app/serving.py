@@ -4,7 +4,7 @@ The edge (``app/api``) knows HTTP; the pipeline knows nothing of it. Here a requ
 a coroutine the edge hands over, so that a refused key or a bad body is recorded like any other
 end), run through the pipeline, and recorded exactly once however it ends: answered, failed
 with a gateway error, failed mid-stream, or left by its client. A complete answer is recorded
-after it is sent (:meth:`~app.pipeline.answer.Answer.sent`): the client does not wait for the bookkeeping.
+as it goes out (:meth:`~app.pipeline.answer.Answer.sent`, which the edge runs just before writing it): whoever has an answer finds it recorded.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Serving:
         content = first_content(answer) if recorder.log_content else None
         if not answer.is_stream:
             plain = request
-            # recorded once the client has the answer (the edge calls ``answer.sent``)
+            # recorded as the answer goes out (the edge calls ``answer.sent``)
             answer.after_sent(lambda: recorder.finish(plain, ctx, 200, content() if content else None, answer.usage))
             return answer
         done = request

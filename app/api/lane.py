@@ -156,7 +156,7 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes:
 
 
 class JSONBytes:
-    """A 200 with an already-encoded JSON body, written in one go (:func:`send_complete`), then the answer's bookkeeping."""
+    """A 200 with an already-encoded JSON body, written in one go (:func:`send_complete`) right after the answer's bookkeeping."""
 
     __slots__ = ("_answer", "body", "raw_headers")
 
@@ -167,9 +167,9 @@ class JSONBytes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send_complete(send, 200, self.raw_headers, self.body)
+            await send_complete(send, 200, self.raw_headers, self.body, self._answer.sent)
         finally:
-            self._answer.sent()
+            self._answer.sent()  # once only: this runs it when the answer could not be sent
 
 
 class ModelLane:

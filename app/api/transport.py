@@ -8,7 +8,8 @@ the trees before and after this transport, two rounds each: 63-65 µs of CPU a h
 after, and wrk got 15.2-15.7k answers a second before, 17.3-17.7k after.
 :class:`CoalescingTransport` keeps what is written during one turn of the event loop and sends it
 in one call at the end of the turn, so a head and the body that follows it leave together; a
-stream's later chunks, each sent in its own turn, still leave as they come.
+stream's later chunks, each sent in its own turn, still leave as they come. A complete response
+written at once (:func:`send_complete`) has nothing to wait for and leaves at once.
 
 :func:`send_complete` writes a complete response (head and body known at once) in one go: what
 uvicorn's ``send`` does over its two messages, without checking every header against its name and
@@ -19,6 +20,7 @@ own constants).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import Send
@@ -29,12 +31,18 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 class CoalescingTransport:
     """A transport whose writes within one loop turn become one write to the wrapped transport."""
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_loop", "_pending", "_transport", "get_extra_info", "is_closing", "pause_reading", "resume_reading")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] | None = None
+        # what the protocol asks on every request, bound here: through __getattr__ each call would
+        # first fail the ordinary attribute look-up
+        self.is_closing = transport.is_closing
+        self.get_extra_info = transport.get_extra_info
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
 
     def write(self, data: bytes) -> None:
         if type(data) is not bytes:
@@ -42,6 +50,15 @@ class CoalescingTransport:
         if self._pending is None:
             self._pending = [data]
             self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(data)
+
+    def write_whole(self, data: bytes) -> None:
+        """Write a whole response: at once when nothing waits for the turn's end (no turn-end call to
+        pay for), else after what does."""
+        if self._pending is None:
+            if not self._transport.is_closing():
+                self._transport.write(data)
         else:
             self._pending.append(data)
 
@@ -83,14 +100,17 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
 
-async def send_complete(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def send_complete(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, before: Callable[[], None] | None = None) -> None:
     """Send a whole response: ``headers`` are lower-case, hold its ``content-length`` and no
     ``connection`` or ``transfer-encoding``. Through uvicorn's httptools cycle it is written as
     that cycle's ``send`` would write it (default headers, access log, keep-alive, completion),
     in one call; any other ``send`` (a test client's, a wrapping middleware's) gets the two ASGI
-    messages."""
+    messages. ``before`` runs just before the response is handed over (the answer's bookkeeping:
+    a client never holds an answer that is not recorded yet)."""
     cycle = getattr(send, "__self__", None)
     if type(cycle) is not RequestResponseCycle or cycle.response_started or cycle.scope["method"] == "HEAD":
+        if before is not None:
+            before()
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return
@@ -115,7 +135,13 @@ async def send_complete(send: Send, status: int, headers: list[tuple[bytes, byte
     if not cycle.keep_alive:
         content.append(b"connection: close\r\n")
     content += (b"\r\n", body)
-    cycle.transport.write(b"".join(content))
+    if before is not None:
+        before()
+    transport = cycle.transport
+    if type(transport) is CoalescingTransport:
+        transport.write_whole(b"".join(content))
+    else:
+        transport.write(b"".join(content))
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:

@@ -61,7 +61,7 @@ class Answer:
         self._over = False
         self._fold: ChunkAssembler | None = None
         self._kept: list[Batch] | None = None
-        #: a complete answer's bookkeeping, run by :meth:`sent` once the client has it
+        #: a complete answer's bookkeeping, run by :meth:`sent` as it goes out
         self._after: Callable[[], None] | None = None
         #: the usage the answer reports (a stream's once its usage chunk has passed), in chat's words
         usage = body.get("usage") if body is not None else None
@@ -103,7 +103,7 @@ class Answer:
         self._encoded = payload
 
     def after_sent(self, bookkeeping: Callable[[], None]) -> None:
-        """Run ``bookkeeping`` once a complete answer is sent (:meth:`sent`): the client does not wait for it."""
+        """Run ``bookkeeping`` when a complete answer goes out (:meth:`sent`)."""
         assert self._source is None, "a stream's bookkeeping is an end hook"
         self._after = bookkeeping
 
