@@ -36,6 +36,7 @@ from typing import Any
 
 import httptools
 import orjson
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -154,11 +155,38 @@ _open_by_server: weakref.WeakKeyDictionary[ServerState, OrderedDict[EdgeHttpTool
 ROOM_SCAN = 64
 
 
+def forward(scope: dict[str, Any], trusted: _TrustedHosts) -> None:
+    """What uvicorn's :class:`ProxyHeadersMiddleware` makes of an HTTP request from a trusted proxy:
+    the scheme and the client as its ``X-Forwarded-Proto`` and ``X-Forwarded-For`` say."""
+    proto: bytes | None = None
+    forwarded_for: list[bytes] = []
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-proto":
+            proto = value
+        elif name == b"x-forwarded-for":
+            forwarded_for.append(value)
+    if proto is not None:
+        scheme = proto.decode("latin1").strip()
+        if scheme in {"http", "https", "ws", "wss"}:
+            scope["scheme"] = scheme
+    if forwarded_for:
+        host, port = trusted.get_trusted_client_address(b", ".join(forwarded_for).decode("latin1"))
+        if host:
+            scope["client"] = (host, port)
+
+
 class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
     """uvicorn's httptools protocol with head/body timeouts, a head size limit and a connection cap."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: the proxies trusted with X-Forwarded-*: uvicorn's middleware for that is done here (:func:`forward`),
+        #: the trust decided once per connection rather than in one more coroutine per request
+        self._trusted: _TrustedHosts | None = None
+        if type(self.app) is ProxyHeadersMiddleware:
+            self._trusted = self.app.trusted_hosts
+            self.app = self.app.app
+        self._forwarded = False  # whether this connection's peer is a trusted proxy
         self._limits = process_limits()
         self._max_head = self._limits.max_header_bytes
         opened = _open_by_server.get(self.server_state)
@@ -194,6 +222,8 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
             return
         self._open[self] = None
         self._timer = self.loop.call_later(self._limits.header_timeout_s, self._head_timed_out)
+        if self._trusted is not None:
+            self._forwarded = (self.client[0] if self.client else None) in self._trusted
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -284,6 +314,8 @@ class EdgeHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._forwarded:
+            forward(self.scope, self._trusted)  # type: ignore[arg-type]
         HttpToolsProtocol.on_headers_complete(self)
 
     def _head_size(self) -> int:
