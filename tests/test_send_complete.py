@@ -11,6 +11,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from app.api.lane import read_body
 from app.api.transport import send_complete
 
 BODY = b'{"object":"chat.completion"}'
@@ -123,3 +124,51 @@ async def test_another_send_gets_the_two_messages() -> None:
 
     await send_complete(send, 200, HEADERS, BODY)
     assert sent == [{"type": "http.response.start", "status": 200, "headers": HEADERS}, {"type": "http.response.body", "body": BODY}]
+
+
+async def _bodies(requests: list[bytes], take: Any) -> tuple[list[bytes], MemoryTransport]:
+    """The bodies an app reading each request's body with ``take`` gets, the data given in ``requests``' pieces."""
+    bodies: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        bodies.append(await take(receive))
+        await send_complete(send, 200, list(HEADERS), BODY)
+
+    config = Config(app, loop="none", http="httptools", log_config=None)
+    config.load()
+    protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = MemoryTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    for piece in requests:
+        protocol.data_received(piece)
+        for _ in range(10):
+            await asyncio.sleep(0)
+    return bodies, transport
+
+
+async def _by_messages(receive: Any) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "requests",
+    [
+        [REQUEST],
+        [REQUEST + REQUEST],
+        [REQUEST[:-1], REQUEST[-1:]],
+        [REQUEST.replace(b"host: x", b"host: x\r\nexpect: 100-continue")[:-2], b"{}"],
+        [b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n", b"0\r\n\r\n"],
+    ],
+    ids=["whole", "pipelined", "in-two-pieces", "100-continue", "chunked"],
+)
+async def test_a_body_read_whole_is_what_receive_gives(requests: list[bytes]) -> None:
+    ours, our_transport = await _bodies(requests, lambda receive: read_body(receive, 1 << 20))
+    theirs, their_transport = await _bodies(requests, _by_messages)
+    assert ours == theirs and ours and all(body == b"{}" for body in ours)
+    assert our_transport.written == their_transport.written  # a 100 Continue too

@@ -19,6 +19,8 @@ class DisconnectWatcher:
     on the loop's next turn, so a request answered without waiting does not even pay for that.
     """
 
+    __slots__ = ("_loop", "_receive", "_start", "_task", "_watcher")
+
     def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         self._receive = receive
         self._task = task

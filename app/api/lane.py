@@ -23,7 +23,7 @@ from app.api.disconnect import DisconnectWatcher
 from app.api.errors import error_response, method_not_allowed
 from app.api.middleware import RequestIds, declared_too_large, too_large
 from app.api.sse import OpenAIEvents, SSEResponse, StreamWriter
-from app.api.transport import send_complete
+from app.api.transport import received_body, send_complete
 from app.errors import BadRequestError, GatewayError, UpstreamBadResponseError
 from app.pipeline.answer import Answer
 from app.pipeline.base import CHAT, ModelRequest, RequestContext
@@ -138,6 +138,11 @@ class _Head:
 
 
 async def read_body(receive: Receive, max_bytes: int) -> bytes:
+    whole = received_body(receive)
+    if whole is not None:
+        if len(whole) > max_bytes:
+            raise too_large(max_bytes)
+        return whole
     parts: list[bytes] = []
     size = 0
     while True:

@@ -14,7 +14,8 @@ written at once (:func:`send_complete`) has nothing to wait for and leaves at on
 :func:`send_complete` writes a complete response (head and body known at once) in one go: what
 uvicorn's ``send`` does over its two messages, without checking every header against its name and
 value patterns one by one (a cache hit's answer carries a dozen headers, most of them the gateway's
-own constants).
+own constants). :func:`received_body` takes a request body that has all come in, as the cycle's
+``receive`` would give it, without its two awaits and its message.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from starlette.types import Send
+from starlette.types import Receive, Send
 from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
@@ -147,3 +148,19 @@ async def send_complete(send: Send, status: int, headers: list[tuple[bytes, byte
     if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
+
+
+def received_body(receive: Receive) -> bytes | None:
+    """The request's whole body when ``receive`` is uvicorn's httptools cycle's and the body has all
+    come in (nothing taken of it yet): what that ``receive`` would return, taken as it takes it.
+    None otherwise (part of it still to come, 100 Continue to write, the client gone, another ``receive``)."""
+    cycle = getattr(receive, "__self__", None)
+    if type(cycle) is not RequestResponseCycle:
+        return None
+    if cycle.more_body or cycle.waiting_for_100_continue or cycle.disconnected or cycle.response_complete or not cycle.message_event.is_set():
+        return None
+    cycle.flow.resume_reading()
+    cycle.message_event.clear()
+    body = bytes(cycle.body)
+    cycle.body = bytearray()
+    return body
