@@ -29,6 +29,10 @@ from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE, STATUS_LINE, 
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 
+#: the bytes uvicorn refuses in a header value (those its HEADER_VALUE_RE matches: controls but tab, and DEL)
+_REFUSED_IN_VALUES = bytes(b for b in range(256) if HEADER_VALUE_RE.match(bytes([b])))
+
+
 class CoalescingTransport:
     """A transport whose writes within one loop turn become one write to the wrapped transport."""
 
@@ -121,9 +125,11 @@ async def send_complete(send: Send, status: int, headers: list[tuple[bytes, byte
         return
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
-    # one search over every value (a tab, which values may hold, between them): what uvicorn refuses,
-    # refused as it does (the response counts as started, so the connection is closed unanswered)
-    if HEADER_VALUE_RE.search(b"\t".join([value for _, value in headers])):
+    # one pass over every value (a tab, which values may hold, between them): what uvicorn refuses,
+    # refused as it does (the response counts as started, so the connection is closed unanswered);
+    # deleting the refused bytes is a cheaper pass than uvicorn's regular expression
+    values = b"\t".join([value for _, value in headers])
+    if len(values.translate(None, _REFUSED_IN_VALUES)) != len(values):
         raise RuntimeError("Invalid HTTP header value.")
     scope = cycle.scope
     if cycle.access_log:
