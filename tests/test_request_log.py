@@ -20,7 +20,7 @@ from app.metrics import Metrics
 from app.storage.db import create_engine
 from app.storage.migrate import upgrade_to_head
 from app.storage.models import RequestLog
-from app.storage.request_log import RequestLogWriter
+from app.storage.request_log import RequestLogWriter, SqliteBinds
 from tests.serve import NewDatabase, serve
 from tests.support import gateway
 
@@ -243,6 +243,31 @@ async def test_sqlite_times_and_nulls_are_stored_as_sqlalchemy_stores_them(tmp_p
     times += [ts.astimezone(plus_two), ts.replace(tzinfo=plus_two), ts, ts - timedelta(hours=1)]
     rows = [row(request_id=f"r{i}", ts=t, upstream_ms=None, trace_id="t" * 40 if i == 3 else None) for i, t in enumerate(times)]
     await _assert_stored_as_sqlalchemy_stores(tmp_path, rows)
+
+
+@pytest.mark.asyncio
+async def test_sqlite_keeps_a_bounded_number_of_inserts_for_its_null_patterns(tmp_path: Path) -> None:
+    # each batch below leaves out another set of NULL columns: every row is stored whole, and the
+    # INSERTs kept for those sets start afresh at their bound instead of growing
+    url = f"sqlite+aiosqlite:///{tmp_path}/log.db"
+    await asyncio.to_thread(upgrade_to_head, url)
+    engine = create_engine(url)
+    writer = RequestLogWriter(engine, Metrics(), batch_size=1, flush_interval_s=3600)
+    binds = writer._bulk
+    assert isinstance(binds, SqliteBinds)
+    binds.MAX_INSERTS = 2
+    filled: list[dict[str, Any]] = [{}, {"dedupe": "leader"}, {"error_type": "timeout"}, {"trace_id": "t" * 32}, {"route_by": "rule", "route_score": 0.5}]
+    writer.start()
+    for i, values in enumerate(filled):
+        writer.submit(row(request_id=f"r{i}", **values))
+    await writer.close()
+    await engine.dispose()
+    assert 0 < len(binds._inserts) <= 2
+    stored = _db_rows(f"{tmp_path}/log.db")
+    assert [r["request_id"] for r in stored] == [f"r{i}" for i in range(len(filled))]
+    for r, values in zip(stored, filled, strict=True):
+        for name in ("dedupe", "error_type", "trace_id", "route_by", "route_score"):
+            assert r[name] == values.get(name), (r["request_id"], name)
 
 
 async def _assert_stored_as_sqlalchemy_stores(tmp_path: Path, rows: list[dict[str, Any]]) -> None:

@@ -106,6 +106,7 @@ class SqliteBinds:
     #: the columns bound as they are (the flags) or as the text this class makes (``ts``)
     TEXT = ("ts",)
     AS_IS = ("stream", "usage_estimated")
+    MAX_INSERTS = 32
 
     def __init__(self, dialect: Dialect) -> None:
         sqlite3.register_adapter(type(None), _null)
@@ -116,7 +117,8 @@ class SqliteBinds:
         self._prefix = ""
         self._dialect = dialect
         self._nullable = [(c.key, attrgetter(c.key)) for c in TABLE.columns if c.nullable and c.key in _INSERTED]
-        #: the INSERT for each set of columns left out (a few: which columns are NULL throughout a batch)
+        #: the INSERT for each set of columns left out (a few: which columns are NULL throughout a batch),
+        #: at most ``MAX_INSERTS`` of them (started afresh beyond, so odd traffic cannot grow it without end)
         self._inserts: dict[tuple[str, ...], BulkInsert] = {}
 
     @classmethod
@@ -129,6 +131,8 @@ class SqliteBinds:
         left_out = tuple(name for name, get in self._nullable if list(map(get, rows)).count(None) == len(rows))
         bulk = self._inserts.get(left_out)
         if bulk is None:
+            if len(self._inserts) >= self.MAX_INSERTS:
+                self._inserts.clear()
             bulk = self._inserts[left_out] = BulkInsert(self.statement(), self._dialect, [key for key in _INSERTED if key not in left_out], get=attrgetter)
         await bulk.execute(conn, rows, given={"ts": [self._text(row.ts) for row in rows]})
 
