@@ -32,17 +32,20 @@ import time
 import weakref
 from collections import OrderedDict
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import orjson
-from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware, _TrustedHosts
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.api.transport import CoalescingHttpToolsProtocol
 from app.config import ServerConfig
 from app.errors import anthropic_error, speaks_anthropic
+
+if TYPE_CHECKING:
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 log = logging.getLogger("admiral.edge")
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from app.metrics import Children, Metrics
+from app.pipeline.answer import reported_tokens
 from app.pipeline.base import ModelRequest, RequestContext
 from app.shapes import Usage
 from app.storage.request_log import Row
@@ -66,9 +67,7 @@ class RequestRecorder:
             tally.inflight -= 1
         elapsed = time.perf_counter() - ctx.started
         backend = ctx.backend or "none"
-        # the counts the answer reported, read as spent_tokens reads them (without making its Tokens)
-        prompt_tokens = int(usage.get("prompt_tokens") or 0) if usage else 0
-        completion_tokens = int(usage.get("completion_tokens") or 0) if usage else 0
+        prompt_tokens, completion_tokens = reported_tokens(usage)
         price_usd = reference_usd = 0.0
         with tally.lock:
             # the request's counts and times, added to the collectors when /metrics is read

@@ -310,6 +310,13 @@ class Tokens(NamedTuple):
 _NOTHING = Tokens(0, 0, 0)
 
 
+def reported_tokens(usage: Usage | dict[str, Any] | None) -> tuple[int, int]:
+    """(prompt, completion) tokens as a usage reports them; zeros for what it does not say."""
+    if not usage:
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
 def spent_tokens(paid: bool, usage: Usage | dict[str, Any] | None) -> Tokens | None:
     """The tokens a request paid upstream; None when the provider did not say.
 
@@ -320,7 +327,6 @@ def spent_tokens(paid: bool, usage: Usage | dict[str, Any] | None) -> Tokens | N
         return _NOTHING
     if not usage:
         return None
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
+    prompt, completion = reported_tokens(usage)
     total = int(usage.get("total_tokens") or 0) or prompt + completion
     return Tokens(prompt, completion, total) if total else None
